@@ -1,0 +1,3 @@
+from treesynth.engine.cli import main
+
+main()

@@ -1,0 +1,221 @@
+"""The typer CLI: parse, build the config, open store and model, run the
+engine, render its events. Errors a user can cause end in one line on stderr
+and exit code 2."""
+
+from __future__ import annotations
+
+import shlex
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from treesynth.engine.config import ConfigError, TaskConfig, build_config, diff_keys, load_task_file
+from treesynth.engine.export import is_finished, render_tree, status_lines, write_jsonl
+from treesynth.engine.render import Renderer
+from treesynth.engine.tree import TreeSynth
+from treesynth.models.base import ModelError
+from treesynth.store import Store, StoreError, check_store_file
+from treesynth.store.keys import canonical_json
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="TreeSynth on a local model: one sentence to a diverse dataset.")
+err = Console(stderr=True)
+
+USER_ERRORS = (ConfigError, StoreError, ModelError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"error: {message}", highlight=False, markup=False)
+    raise typer.Exit(code)
+
+
+def _remove_store(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+@app.command()
+def run(
+    description: Optional[str] = typer.Argument(None, help="The data space, in one sentence (or use --spec)."),
+    store: Path = typer.Option(..., "--store", "-s", help="SQLite store for this run: created, or continued."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="TOML task file; flags override its keys."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Path to a local GGUF model (default: the embedded SmolLM2-135M)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Maximum tree depth [task file or 2]."),
+    pivots: Optional[int] = typer.Option(None, "--pivots", help="Pivot samples per node [10]."),
+    leaf_samples: Optional[int] = typer.Option(None, "--leaf-samples", help="Samples per leaf call [10]."),
+    max_values: Optional[int] = typer.Option(None, "--max-values", help="Values above which a dimension is infinite [50]."),
+    infinite_samples: Optional[int] = typer.Option(None, "--infinite-samples", help="Leaf calls per infinite dimension [3]."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Global sample budget; scales leaf calls."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed [0]."),
+    temperature_pivots: Optional[float] = typer.Option(None, "--temperature-pivots", help="[0.9]"),
+    temperature_criterion: Optional[float] = typer.Option(None, "--temperature-criterion", help="[0.5]"),
+    temperature_coverage: Optional[float] = typer.Option(None, "--temperature-coverage", help="[0.5]"),
+    temperature_leaf: Optional[float] = typer.Option(None, "--temperature-leaf", help="[0.9]"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per answer [2048]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (does not change content)."),
+    n_ctx: int = typer.Option(4096, "--n-ctx", help="Model context size in tokens."),
+    restart: bool = typer.Option(False, "--restart", help="Delete the existing store and start over."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before --restart deletes a store."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Build the tree and synthesise its leaves, or continue an interrupted run."""
+    try:
+        task = load_task_file(spec) if spec else {}
+        if description is not None:
+            task["description"] = description
+        if "description" not in task:
+            raise ConfigError("give a description or --spec TASK.toml")
+        overrides = {
+            "depth": depth,
+            "pivots": pivots,
+            "leaf_samples": leaf_samples,
+            "max_values": max_values,
+            "infinite_samples": infinite_samples,
+            "max_samples": max_samples,
+            "seed": seed,
+            "max_tokens": max_tokens,
+            "temperature.pivots": temperature_pivots,
+            "temperature.criterion": temperature_criterion,
+            "temperature.coverage": temperature_coverage,
+            "temperature.leaf": temperature_leaf,
+        }
+        config = build_config(task, overrides, source=str(spec) if spec else "run")
+        if store.exists():
+            check_store_file(store)
+            if restart:
+                if not yes and not typer.confirm(f"Delete {store} and start over?", default=False, err=True):
+                    fail("not restarted; the store was left as it was")
+                _remove_store(store)
+        the_model = load_model_or_fail(model, threads, n_ctx)
+        db, resumed = open_run_store(store, config, the_model.fingerprint)
+    except USER_ERRORS as error:
+        fail(str(error))
+    settings = {"threads": threads, "argv": sys.argv[1:]}
+    session = db.begin_session(settings, resumed)
+    engine = TreeSynth(config, the_model, db, session)
+    live = progress and err.is_terminal
+    continue_command = "treesynth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        with Renderer(err, live) as renderer:
+            for event in engine.run():
+                renderer.handle(event)
+                last = event
+    except KeyboardInterrupt:
+        err.print(f"\ninterrupted; the store is consistent. Continue with:\n  {continue_command}", highlight=False, markup=False)
+        raise typer.Exit(130)
+    except sqlite3.OperationalError as error:
+        fail(f"cannot write to the store ({error}); nothing committed was lost. Free space or fix permissions, then continue with: {continue_command}", 1)
+    finally:
+        db.close()
+    typer.echo(
+        f"done: {last.samples} samples in {store} ({last.calls_sent} model calls sent, {last.calls_replayed} replayed "
+        f"from the store, {last.wall_seconds:.1f} s)"
+    )
+
+
+def load_model_or_fail(spec, threads, n_ctx):
+    from treesynth.models.loader import load_model
+
+    return load_model(spec, threads=threads, n_ctx=n_ctx)
+
+
+def open_run_store(path: Path, config: TaskConfig, fingerprint: dict) -> tuple[Store, bool]:
+    """Continue an existing store with the same content config, or create one."""
+    wanted = {"config": config.model_dump(mode="json"), "model": fingerprint}
+    if path.exists():
+        db = Store(path)
+        db.lock()
+        run_row = db.run()
+        differing = diff_keys(run_row["config"], wanted["config"]) + [
+            f"model.{k}" for k in diff_keys(run_row["model"], wanted["model"])
+        ]
+        if differing:
+            db.close()
+            raise StoreError(
+                f"{path} was made with different settings ({', '.join(differing)}); "
+                "use the same settings to continue, a new --store, or --restart to start over"
+            )
+        return db, True
+    import datetime
+
+    from treesynth import __version__
+
+    db = Store.create(
+        path,
+        {
+            "config": canonical_json(wanted["config"]),
+            "config_hash": config.content_hash(),
+            "model": canonical_json(fingerprint),
+            "seed": config.seed,
+            "treesynth_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    db.lock()
+    return db, False
+
+
+def open_store_or_fail(path: Path) -> Store:
+    try:
+        return Store.open_existing(path, readonly=True)
+    except USER_ERRORS as error:
+        fail(str(error))
+
+
+@app.command()
+def status(store: Path = typer.Argument(..., help="The run's store.")) -> None:
+    """Where a run stands: nodes, leaves, samples, calls."""
+    db = open_store_or_fail(store)
+    for line in status_lines(db):
+        typer.echo(line)
+
+
+@app.command()
+def tree(store: Path = typer.Argument(..., help="The run's store.")) -> None:
+    """The tree in the terminal: dimensions, values, sample counts."""
+    db = open_store_or_fail(store)
+    for line in render_tree(db):
+        typer.echo(line)
+
+
+@app.command()
+def export(
+    store: Path = typer.Argument(..., help="The run's store."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL file to write (default: stdout)."),
+) -> None:
+    """Write the samples as JSONL: fields, leaf key and the path's attributes."""
+    db = open_store_or_fail(store)
+    fields = list(db.run()["config"]["sample_schema"]["properties"])
+    if output is not None and not output.parent.is_dir():
+        fail(f"cannot write {output}: directory {output.parent} does not exist")
+    try:
+        count = write_jsonl(db, fields, output, sys.stdout)
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror}")
+    states = db.counts()["states"]
+    note = "" if is_finished(states) else " (the run is not finished; rerun it to continue)"
+    err.print(f"exported {count} samples{note}", highlight=False, markup=False)
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="The run's store.")) -> None:
+    """Check the SQLite file and recompute every stored sample hash."""
+    db = open_store_or_fail(store)
+    integrity = db.db.execute("PRAGMA integrity_check").fetchone()[0]
+    problems = ([] if integrity == "ok" else [f"sqlite integrity: {integrity}"]) + db.verify()
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {db.counts()['samples']} samples verified")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Export and display: JSONL records and the tree as text, read from a store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from treesynth.store import Store
+
+
+def iter_records(store: Store, field_order: list[str]) -> Iterator[str]:
+    """One JSON line per sample: its fields in schema order, then the leaf key and the path's attributes."""
+    for leaf, data, attributes in store.iter_samples():
+        sample = json.loads(data)
+        record = {name: sample[name] for name in field_order if name in sample}
+        record.update((k, v) for k, v in sample.items() if k not in record)
+        record["leaf"] = leaf
+        record["attributes"] = json.loads(attributes)
+        yield json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl(store: Store, field_order: list[str], out: Path | None, stdout: IO[str]) -> int:
+    """Write all records; to a file atomically (temp file, then rename), or to stdout."""
+    count = 0
+    if out is None:
+        for line in iter_records(store, field_order):
+            stdout.write(line)
+            count += 1
+        return count
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in iter_records(store, field_order):
+                f.write(line)
+                count += 1
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+def render_tree(store: Store) -> list[str]:
+    """The tree as indented lines: each node's attribute, its state, and sample counts of leaves."""
+    counts = dict(store.db.execute("SELECT leaf, count(*) FROM samples GROUP BY leaf").fetchall())
+    lines = []
+    for node in store.db.query("SELECT * FROM nodes ORDER BY position"):
+        path = json.loads(node["path"])
+        indent = "  " * node["depth"]
+        if path:
+            dimension, value = path[-1]
+            label = f"{dimension} = {value}" if not isinstance(value, list) else f"{dimension} ∈ {{{len(value)} values}}"
+        else:
+            label = "(root)"
+        if node["dimension"] and node["state"] == "split":
+            detail = f"split on {node['dimension']!r}" + (" (infinite)" if node["infinite"] else "")
+        elif node["state"] in ("leaf", "planned", "done"):
+            plan = json.loads(node["plan"]) if node["plan"] else None
+            calls = f", calls {node['calls_done'] or 0}/{len(plan)}" if plan is not None else ""
+            detail = f"leaf: {counts.get(node['key'], 0)} samples{calls}"
+            if node["reason"]:
+                detail += f" ({node['reason']})"
+        else:
+            detail = node["state"]
+        lines.append(f"{indent}{label}  [{detail}]")
+    return lines
+
+
+def status_lines(store: Store) -> list[str]:
+    run = store.run()
+    counts = store.counts()
+    states: dict[str, Any] = counts["states"]
+    leaves = sum(states.get(s, 0) for s in ("leaf", "planned", "done"))
+    config = run["config"]
+    return [
+        f"store:       {store.path}",
+        f"task:        {config['description']}",
+        f"model:       {run['model'].get('file', run['model'].get('backend'))}",
+        f"parameters:  depth {config['depth']}, pivots {config['pivots']}, leaf samples {config['leaf_samples']}, "
+        f"max values {config['max_values']}, infinite samples {config['infinite_samples']}, seed {config['seed']}",
+        f"nodes:       {sum(states.values())} ({states.get('split', 0)} split, {leaves} leaves, "
+        f"{states.get('done', 0)} leaves done)",
+        f"samples:     {counts['samples']}",
+        f"model calls: {counts['calls']} ({counts['tokens']} tokens, {counts['model_seconds']:.1f} s of model time)",
+        f"sessions:    {counts['sessions']}",
+        f"finished:    {'yes' if is_finished(states) else 'no'}",
+    ]
+
+
+PENDING_STATES = ("open", "pivoted", "criterion", "leaf", "planned")
+
+
+def is_finished(states: dict[str, int]) -> bool:
+    return sum(states.values()) > 0 and not any(states.get(s) for s in PENDING_STATES)

@@ -1,0 +1,52 @@
+"""The model protocol.
+
+A request is chat messages plus an optional JSON schema that the answer must
+match, with max_tokens, temperature, top_p and a seed. ``generate`` takes a
+list of requests so that a backend may decode a whole breadth-first level as
+one batch; a response depends only on its own request, never on the others
+in the list or on earlier calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, Sequence
+
+
+class ModelError(RuntimeError):
+    """The model cannot be loaded or used; the CLI prints it as one line."""
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
+    schema: dict[str, Any] | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+    def key_material(self) -> dict[str, Any]:
+        """What a call's cache key is made of, besides the model fingerprint."""
+        data = asdict(self)
+        data["messages"] = [list(m) for m in self.messages]
+        return data
+
+
+@dataclass
+class Response:
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    seconds: float
+    finish_reason: str  # "stop" or "length"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Model(Protocol):
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the model's outputs: file hash, quantisation, context size, backend version."""
+        ...
+
+    def generate(self, requests: Sequence[Request]) -> list[Response]: ...

@@ -1,0 +1,78 @@
+"""A deterministic fake model for fast tests, and for the crash tests that
+kill a real ``treesynth run`` process (``--model fake:``).
+
+Each answer is a valid instance of the request's JSON schema, drawn from an
+RNG seeded by the request's content: the same request always gets the same
+answer, whatever was asked before. Tests may ``enqueue`` scripted answers,
+which are returned first, in order; ``history`` records every request."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Sequence
+
+import xxhash
+
+from treesynth.models.base import Request, Response
+from treesynth.store.keys import canonical_json
+
+WORDS = ("amber", "birch", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kelp", "lumen")
+
+
+class FakeModel:
+    def __init__(self, *, delay: float = 0.0, variant: int = 0, call_log: str | None = None):
+        self.delay = delay
+        self.variant = variant
+        self.call_log = call_log
+        self.queue: list[str] = []
+        self.history: list[Request] = []
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return {"backend": "fake", "version": 1, "variant": self.variant}
+
+    def enqueue(self, *texts: str) -> None:
+        self.queue.extend(texts)
+
+    def generate(self, requests: Sequence[Request]) -> list[Response]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: Request) -> Response:
+        self.history.append(request)
+        if self.call_log:
+            with open(self.call_log, "a", encoding="utf-8") as log:
+                log.write(canonical_json(request.key_material()) + "\n")
+        if self.delay:
+            time.sleep(self.delay)
+        if self.queue:
+            text = self.queue.pop(0)
+        else:
+            seed = xxhash.xxh3_64_intdigest(canonical_json([self.variant, request.key_material()]).encode())
+            rng = random.Random(seed)
+            text = canonical_json(instance(request.schema, rng)) if request.schema else f"fake text {seed:x}"
+        return Response(text=text, completion_tokens=max(1, len(text) // 4), prompt_tokens=0, seconds=self.delay, finish_reason="stop")
+
+
+def instance(schema: dict[str, Any], rng: random.Random) -> Any:
+    """A valid instance of a bounded JSON schema (the subset treesynth uses)."""
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    kind = schema.get("type")
+    if kind == "object":
+        return {name: instance(prop, rng) for name, prop in schema["properties"].items()}
+    if kind == "array":
+        low = schema.get("minItems", 0)
+        high = schema.get("maxItems", low + 3)
+        return [instance(schema["items"], rng) for _ in range(rng.randint(low, high))]
+    if kind == "integer":
+        return rng.randint(schema.get("minimum", 0), schema.get("maximum", 100))
+    if kind == "number":
+        return round(rng.uniform(schema.get("minimum", 0), schema.get("maximum", 100)), 3)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "string":
+        text = f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randrange(1000)}"
+        text = text.ljust(schema.get("minLength", 0), "x")
+        return text[: schema.get("maxLength", len(text))]
+    raise ValueError(f"fake model cannot make an instance of {schema!r}")
