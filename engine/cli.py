@@ -42,6 +42,7 @@ def run(
     description: Optional[str] = typer.Argument(None, help="The data space, in one sentence (or use --spec)."),
     store: Path = typer.Option(..., "--store", "-s", help="SQLite store for this run: created, or continued."),
     spec: Optional[Path] = typer.Option(None, "--spec", help="TOML task file; flags override its keys."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A shipped task preset (see `treesynth presets`)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Path to a local GGUF model (default: the embedded SmolLM2-135M)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Maximum tree depth [task file or 2]."),
     pivots: Optional[int] = typer.Option(None, "--pivots", help="Pivot samples per node [10]."),
@@ -63,7 +64,14 @@ def run(
 ) -> None:
     """Build the tree and synthesise its leaves, or continue an interrupted run."""
     try:
-        task = load_task_file(spec) if spec else {}
+        if spec and preset:
+            raise ConfigError("give --spec or --preset, not both")
+        if preset:
+            from treesynth.engine.presets import load_preset
+
+            task = load_preset(preset)
+        else:
+            task = load_task_file(spec) if spec else {}
         if description is not None:
             task["description"] = description
         if "description" not in task:
@@ -213,8 +221,27 @@ def verify(store: Path = typer.Argument(..., help="The run's store.")) -> None:
     typer.echo(f"ok: {db.counts()['samples']} samples verified")
 
 
+# Command groups that live in their own modules; each has register(app).
+EXTENSIONS = ("treesynth.engine.cli_presets", "treesynth.engine.cli_balance")
+
+
+def _register_extensions() -> None:
+    import importlib
+
+    for name in EXTENSIONS:
+        importlib.import_module(name).register(app)
+
+
+_register_extensions()
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:
+        # A reader such as `head` closed the pipe: not an error of ours.
+        sys.stderr.close()
+        raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+# Set-up is part of every target: a virtual environment in .venv with the
+# package (editable) and its dependencies. llama-cpp-python compiles llama.cpp
+# on first install (about 5 minutes on 2 cores).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.treesynth-installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The demo: a small GSM8K-style dataset on the embedded model, offline.
+run: $(STAMP)
+	$(BIN)/treesynth run "GSM8K-style grade-school math word problems" --store demo.db \
+		--depth 2 --pivots 4 --leaf-samples 3 --max-values 4 --infinite-samples 1 --max-samples 30 --seed 7
+	$(BIN)/treesynth tree demo.db
+	$(BIN)/treesynth export demo.db -o demo.jsonl
+	@echo "wrote demo.jsonl"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m treesynth.bench
+
+clean:
+	rm -rf $(VENV) demo.db demo.db-wal demo.db-shm demo.jsonl bench.json
