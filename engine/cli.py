@@ -22,7 +22,7 @@ from treesynth.store import Store, StoreError, check_store_file
 from treesynth.store.keys import canonical_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TreeSynth on a local model: one sentence to a diverse dataset.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 USER_ERRORS = (ConfigError, StoreError, ModelError)
 
