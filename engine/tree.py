@@ -131,9 +131,11 @@ class TreeSynth:
             if answer is None or answer.get("status") not in COVERAGE_STATUSES:
                 yield ev.AnswerRejected(node["key"], f"coverage:{round_}", 0, _unusable(response))
                 break
+            if answer["status"] == "null":  # the values so far already cover the dimension
+                break
             new = dedupe_values(values, answer.get("new_values", []))
             values += new
-            if answer["status"] != "infinite" or not new or len(values) > self.config.max_values:
+            if answer["status"] == "complete" or not new or len(values) > self.config.max_values:
                 break
         infinite = len(values) > self.config.max_values
         child_depth = node["depth"] + 1
