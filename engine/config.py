@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from treesynth.store.keys import content_key
 
@@ -40,6 +40,36 @@ class Temperatures(BaseModel):
     leaf: float = Field(0.9, ge=0.0, le=2.0, description="Temperature for leaf synthesis.")
 
 
+class PromptOverrides(BaseModel):
+    """Per-step prompt templates; None keeps the built-in one. The placeholders
+    of each step are in treesynth.engine.prompts.PLACEHOLDERS."""
+
+    model_config = ConfigDict(extra="forbid")
+    pivots: str | None = Field(None, min_length=1, max_length=8000, description="Template of the pivot samples prompt.")
+    criterion: str | None = Field(None, min_length=1, max_length=8000, description="Template of the criterion prompt.")
+    coverage: str | None = Field(None, min_length=1, max_length=8000, description="Template of the coverage prompt.")
+    leaf: str | None = Field(None, min_length=1, max_length=8000, description="Template of the leaf synthesis prompt.")
+
+    @model_validator(mode="after")
+    def _templates_render(self) -> "PromptOverrides":
+        from treesynth.engine.prompts import check_template
+
+        for step in ("pivots", "criterion", "coverage", "leaf"):
+            template = getattr(self, step)
+            if template is not None:
+                check_template(step, template)
+        return self
+
+
+class ShuffleChoices(BaseModel):
+    """Balance the position of the correct answer: in each leaf sample, move the
+    choice that ``label`` names to a seeded position (see engine/spec.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    choices: str = Field(..., min_length=1, description="Array field of the answer choices (minItems = maxItems).")
+    label: str = Field(..., min_length=1, description="Enum field naming the correct choice; its i-th value is position i.")
+
+
 class TaskConfig(BaseModel):
     """Everything that decides the content of a run. Changing any field changes the data."""
 
@@ -62,6 +92,11 @@ class TaskConfig(BaseModel):
     temperature: Temperatures = Field(default_factory=Temperatures)
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass for every call.")
     max_tokens: int = Field(2048, ge=64, le=32768, description="Most tokens one answer may take.")
+    prompts: PromptOverrides = Field(default_factory=PromptOverrides, description="Per-step prompt templates.")
+    shuffle_choices: ShuffleChoices | None = Field(None, description="Balance the correct choice's position.")
+
+    # Bounds added to the sample schema and other notes for the user; see ``warnings``.
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("description")
     @classmethod
@@ -73,13 +108,39 @@ class TaskConfig(BaseModel):
 
     @field_validator("sample_schema")
     @classmethod
-    def _sample_schema_is_object(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
-            raise ValueError("must be a JSON schema of type object with at least one property")
-        for name in RESERVED_FIELDS:
-            if name in schema["properties"]:
-                raise ValueError(f"property {name!r} is reserved for export")
+    def _sample_schema_is_bounded(cls, schema: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked and bounded by engine/spec.py; the bounded schema is what
+        the run stores and what constrains every pivot and leaf sample."""
+        from treesynth.engine.spec import check_sample_schema
+
+        if isinstance(schema.get("properties"), dict):
+            for name in RESERVED_FIELDS:
+                if name in schema["properties"]:
+                    raise ValueError(f"property {name!r} is reserved for export")
+        schema, warnings = check_sample_schema(schema)
+        if isinstance(info.context, dict):
+            info.context.setdefault("warnings", []).extend(f"sample_schema: {w}" for w in warnings)
         return schema
+
+    @model_validator(mode="after")
+    def _shuffle_choices_fit(self, info: ValidationInfo) -> "TaskConfig":
+        notes = list(info.context.get("warnings", [])) if isinstance(info.context, dict) else []
+        if self.shuffle_choices is not None:
+            from treesynth.engine.spec import check_shuffle_choices
+
+            k = check_shuffle_choices(self.sample_schema, self.shuffle_choices.choices, self.shuffle_choices.label)
+            if self.leaf_samples % k:
+                notes.append(
+                    f"shuffle_choices: leaf_samples {self.leaf_samples} is not a multiple of {k} choices; "
+                    "the correct choice's position is balanced to within one per leaf call"
+                )
+        self._warnings = notes
+        return self
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should hear about this config: bounds added to the sample schema, uneven balance."""
+        return list(self._warnings)
 
     def content_hash(self) -> str:
         return content_key(self.model_dump(mode="json"))
@@ -104,7 +165,7 @@ def build_config(spec: dict[str, Any], overrides: dict[str, Any], source: str = 
         else:
             merged[key] = value
     try:
-        return TaskConfig.model_validate(merged)
+        return TaskConfig.model_validate(merged, context={"warnings": []})
     except ValidationError as error:
         raise ConfigError(_format_error(error, source)) from None
 
@@ -116,17 +177,22 @@ def load_task_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"task file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read task file {path}: {error}") from None
+    return parse_task_text(text, str(path))
+
+
+def parse_task_text(text: str, source: str) -> dict[str, Any]:
+    """A task file's TOML as a task dict; ``sample_schema`` may be a table or a JSON string."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+        raise ConfigError(f"{source}: not valid TOML: {error}") from None
     if "sample_schema" in data and isinstance(data["sample_schema"], str):
         import json
 
         try:
             data["sample_schema"] = json.loads(data["sample_schema"])
         except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: sample_schema: not valid JSON: {error}") from None
+            raise ConfigError(f"{source}: sample_schema: not valid JSON: {error}") from None
     return data
 
 

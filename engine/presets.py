@@ -1,9 +1,42 @@
-"""Task presets shipped with the package (issue: presets). Placeholder until presets land."""
+"""Task presets shipped with the package: engine/presets/NAME.toml, one per
+domain of the paper (GSM8K, MATH, Code Alpaca, SimpleToM).
+
+A preset is an ordinary task file: ``treesynth preset show NAME`` prints it,
+and the printed file runs unchanged with ``--spec``. Its first comment line
+(``# NAME: summary``) is the one-line summary ``treesynth presets`` lists."""
 
 from __future__ import annotations
 
-from treesynth.engine.config import ConfigError
+import re
+from importlib import resources
+from typing import Any
+
+from treesynth.engine.config import ConfigError, parse_task_text
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-def load_preset(name: str) -> dict:
-    raise ConfigError(f"unknown preset {name!r}")
+def _folder():
+    return resources.files("treesynth.engine").joinpath("presets")
+
+
+def preset_names() -> list[str]:
+    return sorted(entry.name[: -len(".toml")] for entry in _folder().iterdir() if entry.name.endswith(".toml"))
+
+
+def preset_text(name: str) -> str:
+    """The preset's TOML file as shipped, comments included."""
+    names = preset_names()
+    if not _NAME.match(name) or name not in names:
+        raise ConfigError(f"unknown preset {name!r}; the presets are: {', '.join(names)}")
+    return _folder().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset as a task dict, the same as its file would give with --spec."""
+    return parse_task_text(preset_text(name), f"preset {name}")
+
+
+def preset_summary(name: str) -> str:
+    first = preset_text(name).splitlines()[0]
+    return first.removeprefix("#").strip().removeprefix(f"{name}:").strip()

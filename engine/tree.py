@@ -18,6 +18,7 @@ from treesynth.engine.checks import clean, criterion_problem, dedupe_values
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import draw_attributes, infinite_dimensions, plan_leaves
 from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criterion_schema, samples_schema
+from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, Request, Response
 from treesynth.store import CallRecord, Step, Store
 from treesynth.store.keys import canonical_json, child_key, content_key, derive_seed, root_key
@@ -82,7 +83,7 @@ class TreeSynth:
         schema = samples_schema(self.config.sample_schema, n)
         for attempt in range(self.config.call_retries):
             attributes = self._attributes(node, "pivots", attempt)
-            messages = prompts.pivots_messages(self.config.description, attributes, self.config.sample_schema, n)
+            messages = prompts.pivots_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.pivots)
             call, response = yield from self._call(node, "pivots", "pivots", attempt, messages, schema, self.config.temperature.pivots)
             pivots = _parse_samples(response, n)
             if pivots is not None:
@@ -100,7 +101,7 @@ class TreeSynth:
         problem = "no attempt"
         for attempt in range(self.config.criterion_retries):
             attributes = self._attributes(node, "criterion", attempt)
-            messages = prompts.criterion_messages(self.config.description, attributes, pivots, used)
+            messages = prompts.criterion_messages(self.config.description, attributes, pivots, used, self.config.prompts.criterion)
             call, response = yield from self._call(node, "criterion", "criterion", attempt, messages, schema, self.config.temperature.criterion)
             answer = _parse_json(response)
             if answer is None or len(answer.get("labels", [])) != len(pivots):
@@ -125,7 +126,7 @@ class TreeSynth:
             if call is not None:
                 self._commit(Step(call=call))
             attributes = self._attributes(node, f"coverage:{round_}", 0)
-            messages = prompts.coverage_messages(self.config.description, attributes, dimension, values)
+            messages = prompts.coverage_messages(self.config.description, attributes, dimension, values, self.config.prompts.coverage)
             call, response = yield from self._call(node, "coverage", f"coverage:{round_}", 0, messages, schema, self.config.temperature.coverage)
             answer = _parse_json(response)
             if answer is None or answer.get("status") not in COVERAGE_STATUSES:
@@ -180,7 +181,7 @@ class TreeSynth:
             n = plan[index]
             step = f"leaf:{index}"
             attributes = draw_attributes(leaf["path"], derive_seed(self.config.seed, leaf["key"], step, 0))
-            messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n)
+            messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.leaf)
             schema = samples_schema(self.config.sample_schema, n)
             update = {"calls_done": index + 1, "state": "done" if index + 1 == len(plan) else "planned"}
             for attempt in range(self.config.call_retries):
@@ -198,6 +199,7 @@ class TreeSynth:
                 yield ev.LeafCallDone(leaf["key"], index, 0)
 
     def _sample_row(self, leaf, call: int, index: int, sample: dict, attributes) -> dict[str, Any]:
+        sample = finish_sample(self.config, sample, leaf["key"], call, index)
         return {
             "leaf": leaf["key"],
             "call": call,
