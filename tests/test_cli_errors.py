@@ -1,0 +1,141 @@
+"""Bad input from a user: one clear line on stderr, exit code 2, no traceback, no store touched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TREESYNTH = [sys.executable, "-m", "treesynth"]
+DESC = "GSM8K-style grade-school math word problems"
+
+
+def treesynth(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(TREESYNTH + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["   "], ["description", "empty"]),
+        ([DESC, "--depth", "-1"], ["depth"]),
+        ([DESC, "--depth", "99"], ["depth", "less than or equal to 8"]),
+        ([DESC, "--pivots", "1"], ["pivots", "greater than or equal to 2"]),
+        ([], ["description or --spec"]),
+    ],
+)
+def test_bad_parameters(tmp_path, args, needles):
+    store = tmp_path / "s.db"
+    result = treesynth("run", *args, "--store", str(store), "--model", "fake:")
+    assert_user_error(result, *needles)
+    assert not store.exists()
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    result = treesynth("run", DESC, "--store", str(tmp_path / "s.db"), "--model", str(tmp_path / "nope.gguf"))
+    assert_user_error(result, "model file not found")
+
+
+def test_model_that_is_not_a_gguf(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_text("this is not a model")
+    result = treesynth("run", DESC, "--store", str(tmp_path / "s.db"), "--model", str(bogus))
+    assert_user_error(result, "not a GGUF model file")
+
+
+def test_gguf_that_cannot_be_loaded(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + os.urandom(4096))
+    result = treesynth("run", DESC, "--store", str(tmp_path / "s.db"), "--model", str(broken))
+    assert_user_error(result, "cannot load model")
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_store_that_is_not_a_treesynth_store_is_left_untouched(tmp_path):
+    foreign = tmp_path / "notes.db"
+    foreign.write_bytes(b"my precious notes\n" * 100)
+    before = foreign.read_bytes()
+    result = treesynth("run", DESC, "--store", str(foreign), "--model", "fake:")
+    assert_user_error(result, "not a treesynth store", "untouched")
+    assert foreign.read_bytes() == before
+
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    before = other.read_bytes()
+    result = treesynth("run", DESC, "--store", str(other), "--model", "fake:")
+    assert_user_error(result, "not a treesynth store")
+    assert other.read_bytes() == before
+
+
+def test_unwritable_store_location(tmp_path):
+    result = treesynth("run", DESC, "--store", str(tmp_path / "missing" / "s.db"), "--model", "fake:")
+    assert_user_error(result, "does not exist")
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores directory permissions
+            result = treesynth("run", DESC, "--store", "/proc/s.db", "--model", "fake:")
+        else:
+            result = treesynth("run", DESC, "--store", str(locked / "s.db"), "--model", "fake:")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "cannot create store" in result.stderr
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "toml, needles",
+    [
+        ('description = "x"\ndepth = "deep"\n', ["depth", "integer"]),
+        ('description = "x"\npivtos = 3\n', ["pivtos", "not permitted"]),
+        ('description = "x"\n[temperature]\nleaf = 9.0\n', ["temperature.leaf"]),
+        ("description = \n", ["not valid TOML"]),
+        ('description = "x"\nsample_schema = "{not json"\n', ["sample_schema", "not valid JSON"]),
+    ],
+)
+def test_invalid_task_file_names_the_key_and_why(tmp_path, toml, needles):
+    spec = tmp_path / "task.toml"
+    spec.write_text(toml)
+    result = treesynth("run", "--spec", str(spec), "--store", str(tmp_path / "s.db"), "--model", "fake:")
+    assert_user_error(result, str(spec), *needles)
+
+
+def test_missing_task_file(tmp_path):
+    result = treesynth("run", "--spec", str(tmp_path / "none.toml"), "--store", str(tmp_path / "s.db"), "--model", "fake:")
+    assert_user_error(result, "task file not found")
+
+
+def test_existing_store_with_different_content_config_names_the_keys(tmp_path):
+    store = tmp_path / "s.db"
+    first = treesynth("run", DESC, "--store", str(store), "--model", "fake:", "--depth", "1", "--pivots", "3")
+    assert first.returncode == 0, first.stderr
+    before = store.read_bytes()
+    result = treesynth("run", DESC, "--store", str(store), "--model", "fake:", "--depth", "2", "--pivots", "4", "--seed", "5")
+    assert_user_error(result, "depth", "pivots", "seed")
+    assert store.read_bytes() == before
+
+
+def test_read_commands_on_a_missing_or_foreign_store(tmp_path):
+    for command in ("status", "tree", "export", "verify"):
+        assert_user_error(treesynth(command, str(tmp_path / "none.db")), "no store at")
+    foreign = tmp_path / "f.db"
+    foreign.write_text("hello")
+    assert_user_error(treesynth("status", str(foreign)), "not a treesynth store")
