@@ -1,7 +1,333 @@
-"""CLI commands of this group; filled in by its issue."""
+"""CLI commands `baseline`, `diversity` and `balance`: parse, check every
+input before any model is loaded, run the engine, render. Errors a user can
+cause end in one line and exit code 2; no output file is written half-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sqlite3
+import sys
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
+from treesynth.engine.diversity import DEFAULT_MAX_EMBED, DEFAULT_NEAR, InputError
+from treesynth.store.keys import canonical_json
+
+
+def _cli():
+    # Imported late: engine/cli.py imports this module while it is being set up.
+    from treesynth.engine import cli
+
+    return cli
+
+
+def _continue_command() -> str:
+    return "treesynth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _check_output(output: Optional[Path]) -> None:
+    if output is not None:
+        parent = output.parent if str(output.parent) else Path(".")
+        if not parent.is_dir():
+            _cli().fail(f"cannot write {output}: directory {parent} does not exist")
+        if output.is_dir():
+            _cli().fail(f"cannot write {output}: it is a directory")
+
+
+def _write_atomically(output: Optional[Path], lines: List[str]) -> None:
+    """To a file through a temp file and a rename (never half-written), or to stdout."""
+    if output is None:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+        return
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, output)
+    except OSError as error:
+        _cli().fail(f"cannot write {output}: {error.strerror}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_sqlite(path: Path) -> bool:
+    from treesynth.store import SQLITE_HEADER
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+# -- baseline ------------------------------------------------------------------------
+
+
+def baseline(
+    description: Optional[str] = typer.Argument(None, help="The data space, in one sentence (or --spec, --preset, --like)."),
+    samples: Optional[int] = typer.Option(None, "-n", "--samples", help="Samples to make: the tree run's budget [with --like: its sample count]."),
+    store: Path = typer.Option(..., "--store", "-s", help="SQLite store for the baseline: created, or continued."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="TOML task file; flags override its keys."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A shipped task preset (see `treesynth presets`)."),
+    like: Optional[Path] = typer.Option(None, "--like", help="A tree run's store: copy its task, sample schema, leaf samples, seed and sampling settings."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Path to a local GGUF model (default: the embedded SmolLM2-135M)."),
+    leaf_samples: Optional[int] = typer.Option(None, "--leaf-samples", help="Samples per call [10]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed [0]."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (the leaf temperature of a run) [0.9]."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per answer [2048]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (does not change content)."),
+    n_ctx: int = typer.Option(4096, "--n-ctx", help="Model context size in tokens."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """The paper's baseline: temperature sampling from the root prompt alone,
+    same model, sample schema and budget as a tree run; resumable like a run."""
+    from treesynth.engine.baseline import baseline_config, like_task, prepare
+    from treesynth.engine.config import ConfigError, load_task_file
+    from treesynth.engine.render import Renderer
+    from treesynth.engine.tree import TreeSynth
+    from treesynth.store import Store, check_store_file
+
+    cli = _cli()
+    try:
+        if sum(x is not None for x in (spec, preset, like)) > 1:
+            raise ConfigError("give one of --spec, --preset and --like")
+        like_model = None
+        if like is not None:
+            tree_store = Store.open_existing(like, readonly=True)
+            run_row = tree_store.run()
+            task = like_task(run_row["config"])
+            like_model = run_row["model"]
+            if samples is None:
+                samples = tree_store.counts()["samples"]
+                if samples < 1:
+                    raise ConfigError(f"{like} holds no samples yet; give -n")
+            tree_store.close()
+        elif preset:
+            from treesynth.engine.presets import load_preset
+
+            task = load_preset(preset)
+        else:
+            task = load_task_file(spec) if spec else {}
+        if description is not None:
+            task["description"] = description
+        if "description" not in task:
+            raise ConfigError("give a description, --spec TASK.toml, --preset NAME or --like STORE")
+        if samples is None:
+            raise ConfigError("give -n, the number of samples (the tree run's budget)")
+        if samples < 1:
+            raise ConfigError(f"-n must be at least 1, not {samples}")
+        overrides = {"leaf_samples": leaf_samples, "seed": seed, "temperature.leaf": temperature, "max_tokens": max_tokens}
+        config = baseline_config(task, overrides, samples, source=str(spec) if spec else "baseline")
+        if store.exists():
+            check_store_file(store)
+        the_model = cli.load_model_or_fail(model, threads, n_ctx)
+        db, resumed = cli.open_run_store(store, config, the_model.fingerprint)
+        try:
+            prepare(db, config)
+        except BaseException:
+            db.close()
+            raise
+    except (*cli.USER_ERRORS, InputError) as error:
+        cli.fail(str(error))
+    if like_model is not None and like_model != the_model.fingerprint:
+        cli.err.print(f"note: {like} was made with another model ({like_model.get('file', like_model.get('backend'))})", highlight=False, markup=False)
+    session = db.begin_session({"threads": threads, "argv": sys.argv[1:], "command": "baseline"}, resumed)
+    engine = TreeSynth(config, the_model, db, session)
+    live = progress and cli.err.is_terminal
+    last = None
+    try:
+        with Renderer(cli.err, live) as renderer:
+            for event in engine.run():
+                if not (type(event).__name__ == "RunStarted" and not resumed):
+                    renderer.handle(event)
+                last = event
+    except KeyboardInterrupt:
+        cli.err.print(f"\ninterrupted; the store is consistent. Continue with:\n  {_continue_command()}", highlight=False, markup=False)
+        raise typer.Exit(130)
+    except sqlite3.OperationalError as error:
+        cli.fail(f"cannot write to the store ({error}); nothing committed was lost. Continue with: {_continue_command()}", 1)
+    finally:
+        db.close()
+    typer.echo(
+        f"done: baseline of {last.samples} samples in {store} ({last.calls_sent} model calls sent, "
+        f"{last.calls_replayed} replayed from the store, {last.wall_seconds:.1f} s)"
+    )
+
+
+# -- diversity --------------------------------------------------------------------------
+
+
+def diversity(
+    inputs: List[Path] = typer.Argument(..., help="JSONL files or run stores, measured side by side."),
+    field: Optional[List[str]] = typer.Option(None, "--field", "-f", help="Field(s) whose text is measured [every string field but leaf and attributes]."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="A local GGUF for llama.cpp embeddings [the embedded SmolLM2-135M]."),
+    no_embeddings: bool = typer.Option(False, "--no-embeddings", help="Skip the cosine figure (no model loaded)."),
+    max_embed: int = typer.Option(DEFAULT_MAX_EMBED, "--max-embed", help="Beyond this many samples, embed a seeded random subset of this size."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subset drawn beyond --max-embed."),
+    near: float = typer.Option(DEFAULT_NEAR, "--near", help="Jaccard similarity of word 3-gram sets from which two samples are near duplicates."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) lines that are not JSON objects or lack a --field."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per file instead of the table."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads."),
+) -> None:
+    """Diversity of datasets side by side: mean pairwise cosine similarity of
+    embeddings (the paper's figure), distinct-1/2, exact and near duplicates."""
+    from treesynth.engine.diversity import measure, read_jsonl, store_texts, table_lines
+    from treesynth.store import Store
+
+    cli = _cli()
+    fields = list(field) if field else None
+    texts_by_input: list[tuple[str, list[str]]] = []
+    try:
+        if max_embed < 2:
+            raise InputError(f"--max-embed must be at least 2, not {max_embed}")
+        if not 0 < near <= 1:
+            raise InputError(f"--near must be in (0, 1], not {near}")
+        for path in inputs:
+            if _is_sqlite(path):
+                db = Store.open_existing(path, readonly=True)
+                texts, missing = store_texts(db, fields)
+                db.close()
+                if missing and not skip_bad:
+                    lacking = f"field(s) {', '.join(fields)}" if fields else "a string field (name one with --field)"
+                    raise InputError(f"{path}: {missing} samples lack {lacking} (--skip-bad skips them)")
+                if not texts:
+                    raise InputError(f"{path} holds no samples" + (f" with field(s) {', '.join(fields)}" if fields else ""))
+                bad = missing
+            else:
+                records, bad = read_jsonl(path, fields, skip_bad)
+                texts = [r.text for r in records]
+            if bad:
+                cli.err.print(f"{path}: skipped {bad} bad lines", highlight=False, markup=False)
+            texts_by_input.append((str(path), texts))
+        the_embedder = None
+        if not no_embeddings:
+            from treesynth.models.embed import load_embedder
+
+            the_embedder = load_embedder(embedder, threads=threads)
+    except (*cli.USER_ERRORS, InputError) as error:
+        cli.fail(str(error))
+    results = [measure(name, texts, the_embedder, max_embed=max_embed, seed=seed, near=near) for name, texts in texts_by_input]
+    if as_json:
+        for r in results:
+            typer.echo(canonical_json(r.as_dict()))
+        return
+    for line in table_lines(results):
+        typer.echo(line)
+    if the_embedder is not None:
+        fp = the_embedder.fingerprint
+        typer.echo(f"embedder: {fp['file']} ({fp['backend']}, {fp['pooling']} pooling)")
+
+
+# -- balance -------------------------------------------------------------------------------
+
+
+def balance(
+    data: Path = typer.Argument(..., help="The JSONL dataset to balance."),
+    store: Path = typer.Option(..., "--store", "-s", help="A finished tree run's store (routing calls are stored in it)."),
+    per_leaf: int = typer.Option(..., "--per-leaf", help="Samples per leaf after balancing."),
+    field: Optional[List[str]] = typer.Option(None, "--field", "-f", help="Field(s) whose text is routed [every string field but leaf and attributes]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Balanced JSONL to write (default: stdout, table on stderr)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Path to a local GGUF model (default: the embedded SmolLM2-135M)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the downsample and the synthesis calls [the run's seed]."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) lines that are not JSON objects or lack a --field."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (does not change content)."),
+    n_ctx: int = typer.Option(4096, "--n-ctx", help="Model context size in tokens."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Route each sample down a finished tree, downsample crowded leaves and
+    synthesise the shortfall of sparse ones; print samples per leaf before and after."""
+    from treesynth.engine import balance as bal
+    from treesynth.engine.baseline import baseline_mark
+    from treesynth.engine.diversity import read_jsonl
+    from treesynth.engine.export import is_finished
+    from treesynth.store import Store
+
+    cli = _cli()
+    fields = list(field) if field else None
+    try:
+        if per_leaf < 1:
+            raise InputError(f"--per-leaf must be at least 1, not {per_leaf}")
+        if seed is not None and seed < 0:
+            raise InputError(f"--seed must be at least 0, not {seed}")
+        tree_store = Store.open_existing(store, readonly=True)
+        finished = is_finished(tree_store.counts()["states"])
+        is_baseline = baseline_mark(tree_store) is not None
+        tree_store.close()
+        if not finished:
+            raise InputError(f"{store} has no finished tree; finish it with `treesynth run` first")
+        if is_baseline:
+            raise InputError(f"{store} is a baseline (no tree); balance with a tree run's store")
+        records, bad = read_jsonl(data, fields, skip_bad)
+        _check_output(output)
+        the_model = cli.load_model_or_fail(model, threads, n_ctx)
+        db = Store(store)
+        db.lock()
+    except (*cli.USER_ERRORS, InputError) as error:
+        cli.fail(str(error))
+    if bad:
+        cli.err.print(f"{data}: skipped {bad} bad lines", highlight=False, markup=False)
+    resumed = bool(db.db.execute("SELECT count(*) FROM calls WHERE role = 'route'").fetchone()[0])
+    session = db.begin_session({"threads": threads, "argv": sys.argv[1:], "command": "balance"}, resumed)
+    balancer = bal.Balancer(db, the_model, seed=seed, session=session)
+    field_order = list(balancer.config.sample_schema["properties"])
+    try:
+        plans = _run_balance(balancer, [r.text for r in records], per_leaf, progress and cli.err.is_terminal)
+    except KeyboardInterrupt:
+        cli.err.print(f"\ninterrupted; the store is consistent. Continue with:\n  {_continue_command()}", highlight=False, markup=False)
+        raise typer.Exit(130)
+    except cli.USER_ERRORS as error:
+        cli.fail(str(error))
+    except sqlite3.OperationalError as error:
+        cli.fail(f"cannot write to the store ({error}); nothing committed was lost. Continue with: {_continue_command()}", 1)
+    finally:
+        db.close()
+    _write_atomically(output, bal.output_lines(plans, [r.raw for r in records], field_order))
+    lines = bal.table_lines(plans, per_leaf) + [
+        f"model calls: {balancer.calls_sent} sent, {balancer.calls_replayed} replayed from the store"
+        + (f"; wrote {output}" if output is not None else "")
+    ]
+    for line in lines:
+        if output is None:
+            cli.err.print(line, highlight=False, markup=False)
+        else:
+            typer.echo(line)
+
+
+def _run_balance(balancer, texts: List[str], per_leaf: int, live: bool):
+    """Drive the balance engine, showing routing and synthesis progress."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from treesynth.engine import balance as bal
+
+    cli = _cli()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=cli.err, disable=not live) as bar:
+        task = bar.add_task("routing", total=len(texts))
+        if not live:
+            cli.err.print(f"routing {len(texts)} samples down {len(balancer.tree.leaves)} leaves", highlight=False, markup=False)
+        engine = bal.balance(balancer, texts, per_leaf)
+        try:
+            while True:
+                event = next(engine)
+                if isinstance(event, (bal.SampleRouted, bal.ShortfallCall)):
+                    bar.advance(task)
+                elif isinstance(event, bal.BalancePlanned):
+                    bar.update(task, description="synthesising", total=event.calls, completed=0)
+                    if not live and event.calls:
+                        cli.err.print(
+                            f"synthesising {event.shortfall} samples for {event.leaves_short} leaves in {event.calls} calls",
+                            highlight=False,
+                            markup=False,
+                        )
+        except StopIteration as stop:
+            return stop.value
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command()(baseline)
+    app.command()(diversity)
+    app.command()(balance)

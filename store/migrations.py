@@ -87,6 +87,13 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["samples"].create_index(["position", "call", "idx"])
 
 
+@migration
+def m002_baseline(db: sqlite_utils.Database) -> None:
+    # Marks a store made by `treesynth baseline` (temperature sampling from the
+    # root prompt alone): one row, written with the root's plan.
+    db["baseline"].create({"id": int, "samples": int, "created": str}, pk="id")
+
+
 def apply(db: sqlite_utils.Database) -> list[str]:
     """Apply pending migrations; returns the names applied."""
     db.execute(

@@ -1,0 +1,350 @@
+"""Balancing an existing dataset with a finished tree.
+
+Routing: each sample goes from the root down. At a split node with finite
+values the model picks exactly one of the node's values: the answer's schema
+is ``{"type": "string", "enum": values}``, so a value outside the node's
+values cannot be produced. An infinite node (one child holding the whole value
+list) passes samples through. Routing calls are greedy (temperature 0), keyed
+and stored like every call, so a rerun replays them instead of sending them.
+
+Balancing: a leaf holding more than ``per_leaf`` samples keeps a seeded random
+``per_leaf`` of them (in input order); a leaf holding fewer gets the shortfall
+made by leaf synthesis under its attributes, in calls of ``leaf_samples``
+samples, each call stored like a tree run's leaf call."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any, Generator, Sequence
+
+from treesynth.engine import prompts
+from treesynth.engine.config import TaskConfig
+from treesynth.engine.leaves import draw_attributes
+from treesynth.engine.schemas import samples_schema
+from treesynth.engine.spec import finish_sample
+from treesynth.models.base import Model, ModelError, Request, Response
+from treesynth.store import CallRecord, Step, Store
+from treesynth.store.keys import content_key, derive_seed
+
+ROUTE_MAX_TOKENS = 128  # an enum value is at most 60 characters
+ROUTE_TEXT_MAX_CHARS = 3000  # a longer sample is cut in the routing prompt only
+LEAF_STATES = ("leaf", "planned", "done")
+
+ROUTE = """Task: {description}
+{subspace}
+Sample:
+{sample}
+
+Dimension: {dimension}
+Which value of this dimension does the sample have? Choose exactly one of: {values}.
+Answer with the value as a JSON string."""
+
+
+# -- events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleRouted:
+    index: int  # position among the input records
+    leaf: str
+    calls: int  # routing calls this sample took (sent or replayed)
+
+
+@dataclass(frozen=True)
+class ShortfallCall:
+    leaf: str
+    call: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class BalancePlanned:
+    leaves_short: int  # leaves below the target
+    shortfall: int  # samples to synthesise
+    calls: int  # synthesis calls planned (before retries)
+
+
+Events = Generator[Any, None, Any]
+
+
+# -- the tree --------------------------------------------------------------------
+
+
+class Tree:
+    """A finished tree read from a store: nodes, children in tree order, leaves."""
+
+    def __init__(self, store: Store):
+        self.nodes = {n["key"]: n for n in store.nodes()}
+        self.children: dict[str, list[dict[str, Any]]] = {}
+        for node in sorted(self.nodes.values(), key=lambda n: n["position"]):
+            if node["parent"] is not None:
+                self.children.setdefault(node["parent"], []).append(node)
+        self.root = next(n for n in self.nodes.values() if n["depth"] == 0)
+        self.leaves = sorted((n for n in self.nodes.values() if n["state"] in LEAF_STATES), key=lambda n: n["position"])
+
+    def label(self, leaf: dict[str, Any]) -> str:
+        parts = [f"{dim}: any of {len(value)}" if isinstance(value, list) else str(value) for dim, value in leaf["path"]]
+        return " > ".join(parts) if parts else "(root)"
+
+
+def route_messages(description: str, attributes, dimension: str, values: Sequence[str], sample: str):
+    text = sample if len(sample) <= ROUTE_TEXT_MAX_CHARS else sample[:ROUTE_TEXT_MAX_CHARS] + " ..."
+    user = ROUTE.format(
+        description=description,
+        subspace=prompts.render_subspace(attributes),
+        sample=text,
+        dimension=dimension,
+        values=", ".join(json.dumps(v, ensure_ascii=False) for v in values),
+    )
+    return (("system", prompts.SYSTEM), ("user", user))
+
+
+def route_schema(values: Sequence[str]) -> dict[str, Any]:
+    return {"type": "string", "enum": list(values)}
+
+
+# -- the balancer ------------------------------------------------------------------
+
+
+class Balancer:
+    def __init__(self, store: Store, model: Model, *, seed: int | None = None, session: int | None = None):
+        self.store = store
+        self.model = model
+        self.fingerprint = model.fingerprint
+        self.config = TaskConfig.model_validate(store.run()["config"])
+        self.seed = self.config.seed if seed is None else seed
+        self.session = session
+        self.tree = Tree(store)
+        self.calls_sent = 0
+        self.calls_replayed = 0
+
+    def route(self, text: str) -> tuple[str, int]:
+        """The leaf key this sample lands in, and how many routing calls it took."""
+        node = self.tree.root
+        sample_key = content_key(text)
+        calls = 0
+        while node["state"] == "split":
+            children = self.tree.children[node["key"]]
+            if node["infinite"]:
+                node = children[0]
+                continue
+            values = [child["path"][-1][1] for child in children]
+            attributes = [(d, v) for d, v in node["path"] if not isinstance(v, list)]
+            request = Request(
+                messages=route_messages(self.config.description, attributes, node["dimension"], values, text),
+                schema=route_schema(values),
+                max_tokens=ROUTE_MAX_TOKENS,
+                temperature=0.0,
+                top_p=self.config.top_p,
+                seed=derive_seed(self.seed, node["key"], "route:" + sample_key, 0),
+            )
+            response = self._call(node["key"], "route", "route:" + sample_key, 0, request)
+            calls += 1
+            try:
+                value = json.loads(response.text)
+            except ValueError:
+                value = None
+            if value not in values:  # only an answer cut off at max_tokens could get here
+                raise ModelError(f"routing answer {response.text[:80]!r} is not one of the node's values {values}")
+            node = children[values.index(value)]
+        return node["key"], calls
+
+    def route_all(self, texts: Sequence[str]) -> Events:
+        """Each text's leaf key, in input order."""
+        leaves = []
+        for index, text in enumerate(texts):
+            leaf, calls = self.route(text)
+            leaves.append(leaf)
+            yield SampleRouted(index, leaf, calls)
+        return leaves
+
+    def synthesise(self, leaf: dict[str, Any], shortfall: int) -> Events:
+        """Up to ``shortfall`` new samples under the leaf's attributes: (sample, attributes) pairs."""
+        config = self.config
+        made: list[tuple[dict[str, Any], dict[str, str]]] = []
+        for index, n in enumerate(call_sizes(shortfall, config.leaf_samples)):
+            step = f"balance:{index}"
+            attributes = draw_attributes(leaf["path"], derive_seed(self.seed, leaf["key"], step, 0))
+            messages = prompts.leaf_messages(config.description, attributes, config.sample_schema, n, config.prompts.leaf)
+            schema = samples_schema(config.sample_schema, n)
+            samples: list[dict[str, Any]] = []
+            for attempt in range(config.call_retries):
+                request = Request(
+                    messages=messages,
+                    schema=schema,
+                    max_tokens=config.max_tokens,
+                    temperature=config.temperature.leaf,
+                    top_p=config.top_p,
+                    seed=derive_seed(self.seed, leaf["key"], step, attempt),
+                )
+                response = self._call(leaf["key"], "balance", step, attempt, request)
+                parsed = parse_samples(response.text, n)
+                if parsed is not None:
+                    samples = [finish_sample(config, s, leaf["key"], index, i) for i, s in enumerate(parsed)]
+                    break
+            made += [(s, dict(attributes)) for s in samples]
+            yield ShortfallCall(leaf["key"], index, len(samples))
+        return made
+
+    def _call(self, node: str, role: str, step: str, attempt: int, request: Request) -> Response:
+        """The answer from the store's call log, or from the model and then
+        committed (one transaction) before it is used."""
+        key = content_key({"model": self.fingerprint, "request": request.key_material()})
+        row = self.store.cached_call(key)
+        if row is not None:
+            self.calls_replayed += 1
+            return Response(row["response"], row["completion_tokens"], row["prompt_tokens"], row["seconds"], row["finish_reason"])
+        response = self.model.generate([request])[0]
+        self.calls_sent += 1
+        call = CallRecord(
+            key=key,
+            node=node,
+            role=role,
+            step=step,
+            attempt=attempt,
+            request=request.key_material(),
+            response=response.text,
+            completion_tokens=response.completion_tokens,
+            prompt_tokens=response.prompt_tokens,
+            seconds=response.seconds,
+            finish_reason=response.finish_reason,
+        )
+        self.store.commit(Step(call=call), self.session)
+        return response
+
+
+def parse_samples(text: str, n: int) -> list[dict[str, Any]] | None:
+    try:
+        samples = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(samples, list) or len(samples) != n or not all(isinstance(s, dict) and s for s in samples):
+        return None
+    return samples
+
+
+# -- the arithmetic ------------------------------------------------------------------
+
+
+def call_sizes(shortfall: int, leaf_samples: int) -> list[int]:
+    """Samples asked for by each shortfall call: full calls, then the remainder."""
+    full, rest = divmod(shortfall, leaf_samples)
+    return [leaf_samples] * full + ([rest] if rest else [])
+
+
+def downsample(indices: Sequence[int], per_leaf: int, seed: int) -> list[int]:
+    """``per_leaf`` of the indices chosen by a RNG seeded with ``seed``, in
+    input order; all of them when there are not more than ``per_leaf``."""
+    if len(indices) <= per_leaf:
+        return list(indices)
+    return sorted(random.Random(seed).sample(list(indices), per_leaf))
+
+
+@dataclass
+class LeafPlan:
+    leaf: dict[str, Any]
+    label: str
+    routed: list[int]  # input indices routed here, in input order
+    kept: list[int]  # after the seeded downsample
+    shortfall: int  # samples to synthesise
+    synthesised: list[tuple[dict[str, Any], dict[str, str]]] = field(default_factory=list)
+
+    @property
+    def before(self) -> int:
+        return len(self.routed)
+
+    @property
+    def after(self) -> int:
+        return len(self.kept) + len(self.synthesised)
+
+
+def plan_balance(tree: Tree, routes: Sequence[str], per_leaf: int, seed: int) -> list[LeafPlan]:
+    """Per leaf, in tree order: the samples routed there, the ones kept, the shortfall."""
+    routed: dict[str, list[int]] = {leaf["key"]: [] for leaf in tree.leaves}
+    for index, leaf in enumerate(routes):
+        routed[leaf].append(index)
+    plans = []
+    for leaf in tree.leaves:
+        indices = routed[leaf["key"]]
+        kept = downsample(indices, per_leaf, derive_seed(seed, leaf["key"], "downsample", 0))
+        plans.append(LeafPlan(leaf, tree.label(leaf), indices, kept, max(0, per_leaf - len(indices))))
+    return plans
+
+
+def balance(balancer: Balancer, texts: Sequence[str], per_leaf: int) -> Events:
+    """Route every text, plan, then synthesise every shortfall; returns the plans."""
+    routes = yield from balancer.route_all(texts)
+    plans = plan_balance(balancer.tree, routes, per_leaf, balancer.seed)
+    short = [p for p in plans if p.shortfall]
+    yield BalancePlanned(
+        len(short),
+        sum(p.shortfall for p in short),
+        sum(len(call_sizes(p.shortfall, balancer.config.leaf_samples)) for p in short),
+    )
+    for plan in plans:
+        if plan.shortfall:
+            plan.synthesised = yield from balancer.synthesise(plan.leaf, plan.shortfall)
+    return plans
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def output_lines(plans: Sequence[LeafPlan], raw_lines: Sequence[str], field_order: Sequence[str]) -> list[str]:
+    """The balanced JSONL, leaf by leaf in tree order: kept originals as they
+    were (their lines unchanged), then the leaf's synthesised samples, marked."""
+    lines = []
+    for plan in plans:
+        lines += [raw_lines[i] + "\n" for i in plan.kept]
+        for sample, attributes in plan.synthesised:
+            record = {name: sample[name] for name in field_order if name in sample}
+            record.update((k, v) for k, v in sample.items() if k not in record)
+            record.update({"synthesised": True, "leaf": plan.leaf["key"], "attributes": attributes})
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return lines
+
+
+BAR_WIDTH = 30
+
+
+def table_lines(plans: Sequence[LeafPlan], per_leaf: int) -> list[str]:
+    """Samples per leaf before and after, a bar per leaf, then a summary.
+
+    Bar: one cell per sample (scaled when the largest leaf or the target
+    exceeds the width): '#' kept, 'x' dropped by the downsample, '+' synthesised."""
+    if not plans:
+        return []
+    biggest = max([p.before for p in plans] + [p.after for p in plans] + [per_leaf])
+    scale = min(1.0, BAR_WIDTH / biggest) if biggest else 1.0
+    label_width = min(48, max(len("leaf"), *(len(p.label) for p in plans)))
+
+    def cells(count: int) -> int:
+        return round(count * scale)
+
+    lines = [f"{'leaf'.ljust(label_width)}  {'before':>6}  {'after':>5}"]
+    for p in plans:
+        label = p.label if len(p.label) <= label_width else p.label[: label_width - 3] + "..."
+        kept, dropped, made = len(p.kept), p.before - len(p.kept), len(p.synthesised)
+        bar = "#" * cells(kept) + "x" * (cells(kept + dropped) - cells(kept)) + "+" * (cells(kept + made) - cells(kept))
+        lines.append(f"{label.ljust(label_width)}  {p.before:>6}  {p.after:>5}  {bar}".rstrip())
+    before = sum(p.before for p in plans)
+    after = sum(p.after for p in plans)
+    kept = sum(len(p.kept) for p in plans)
+    made = sum(len(p.synthesised) for p in plans)
+    largest = max(plans, key=lambda p: p.before)
+    smallest = min(plans, key=lambda p: p.before)
+    empty_before = sum(1 for p in plans if p.before == 0)
+    empty_after = sum(1 for p in plans if p.after == 0)
+    short = [p for p in plans if p.after < per_leaf]
+    lines += [
+        f"bar: # kept, x dropped, + synthesised{'' if scale == 1 else f' (one cell = {1 / scale:.1f} samples)'}",
+        f"leaves: {len(plans)}, target {per_leaf} per leaf; empty before: {empty_before}, after: {empty_after}",
+        f"samples: {before} before, {after} after ({kept} kept, {before - kept} dropped, {made} synthesised)",
+        f"largest leaf before: {largest.label} ({largest.before}); smallest: {smallest.label} ({smallest.before})",
+    ]
+    if short:
+        missing = sum(per_leaf - p.after for p in short)
+        lines.append(f"short: {len(short)} leaves below the target after synthesis ({missing} samples; their answers were unusable)")
+    return lines

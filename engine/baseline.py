@@ -1,0 +1,76 @@
+"""The paper's baseline: temperature sampling from the root prompt alone.
+
+A baseline store is a normal run store whose config has depth 0 (the root is
+the only node, and a leaf) and ``max_samples`` = N. Its root's leaf plan is
+written here, with the store's baseline mark, in one transaction:
+ceil(N / leaf_samples) leaf calls of ``leaf_samples`` samples, the last one
+the remainder. The TreeSynth driver then synthesises the planned root like any
+leaf (same prompt template with "the whole data space", same sample schema,
+same temperature, one committed transaction per call), so ``export``,
+``status`` and ``diversity`` read it as they read a tree run, and a rerun of
+the same command continues it exactly."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from treesynth.engine.balance import call_sizes
+from treesynth.engine.config import TaskConfig, build_config
+from treesynth.store import Store, StoreError
+from treesynth.store.keys import canonical_json, root_key
+
+# Keys of a tree run's config that a baseline copies with --like: everything
+# that decides what one leaf call asks for and how it is sampled.
+LIKE_KEYS = ("description", "sample_schema", "leaf_samples", "seed", "temperature", "top_p", "max_tokens", "call_retries", "prompts", "shuffle_choices")
+
+
+def baseline_config(task: dict[str, Any], overrides: dict[str, Any], samples: int, source: str = "baseline") -> TaskConfig:
+    return build_config(task, {**overrides, "depth": 0, "max_samples": samples}, source=source)
+
+
+def like_task(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The task of a tree run's stored config, as a baseline of it uses it."""
+    return {key: run_config[key] for key in LIKE_KEYS if key in run_config}
+
+
+def baseline_plan(samples: int, leaf_samples: int) -> list[int]:
+    return call_sizes(samples, leaf_samples)
+
+
+def baseline_mark(store: Store) -> int | None:
+    """N when the store is a baseline, else None (also for stores older than the mark)."""
+    tables = set(store.db.table_names())
+    if "baseline" not in tables:
+        return None
+    row = store.db.execute("SELECT samples FROM baseline WHERE id = 1").fetchone()
+    return row[0] if row else None
+
+
+def prepare(store: Store, config: TaskConfig) -> bool:
+    """Write the root leaf, its plan and the baseline mark (one transaction)
+    unless the store already has them; True when written now."""
+    samples = config.max_samples
+    if store.has_root():
+        mark = baseline_mark(store)
+        if mark is None:
+            raise StoreError(f"{store.path} holds a tree run, not a baseline; use a new --store")
+        if mark != samples:  # the config check refuses this first; kept for stores edited by hand
+            raise StoreError(f"{store.path} is a baseline of {mark} samples, not {samples}")
+        return False
+    plan = baseline_plan(samples, config.leaf_samples)
+    root = {
+        "key": root_key(),
+        "parent": None,
+        "depth": 0,
+        "position": "",
+        "path": canonical_json([]),
+        "state": "planned",
+        "plan": canonical_json(plan),
+        "calls_done": 0,
+    }
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with store.transaction():
+        store.db["nodes"].insert(root)
+        store.db["baseline"].insert({"id": 1, "samples": samples, "created": created})
+    return True
