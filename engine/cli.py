@@ -4,6 +4,7 @@ and exit code 2."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sqlite3
 import sys
@@ -18,7 +19,7 @@ from treesynth.engine.export import is_finished, render_tree, status_lines, writ
 from treesynth.engine.render import Renderer
 from treesynth.engine.tree import TreeSynth
 from treesynth.models.base import ModelError
-from treesynth.store import Store, StoreError, check_store_file
+from treesynth.store import Store, StoreError, acquire_lock, check_store_file
 from treesynth.store.keys import canonical_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TreeSynth on a local model: one sentence to a diverse dataset.")
@@ -30,11 +31,6 @@ USER_ERRORS = (ConfigError, StoreError, ModelError)
 def fail(message: str, code: int = 2) -> None:
     err.print(f"error: {message}", highlight=False, markup=False)
     raise typer.Exit(code)
-
-
-def _remove_store(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
 
 
 @app.command()
@@ -63,65 +59,101 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
     """Build the tree and synthesise its leaves, or continue an interrupted run."""
+    continue_command = _continue_command()
+    db: Store | None = None
     try:
-        if spec and preset:
-            raise ConfigError("give --spec or --preset, not both")
-        if preset:
-            from treesynth.engine.presets import load_preset
+        try:
+            if spec and preset:
+                raise ConfigError("give --spec or --preset, not both")
+            if preset:
+                from treesynth.engine.presets import load_preset
 
-            task = load_preset(preset)
-        else:
-            task = load_task_file(spec) if spec else {}
-        if description is not None:
-            task["description"] = description
-        if "description" not in task:
-            raise ConfigError("give a description or --spec TASK.toml")
-        overrides = {
-            "depth": depth,
-            "pivots": pivots,
-            "leaf_samples": leaf_samples,
-            "max_values": max_values,
-            "infinite_samples": infinite_samples,
-            "max_samples": max_samples,
-            "seed": seed,
-            "max_tokens": max_tokens,
-            "temperature.pivots": temperature_pivots,
-            "temperature.criterion": temperature_criterion,
-            "temperature.coverage": temperature_coverage,
-            "temperature.leaf": temperature_leaf,
-        }
-        config = build_config(task, overrides, source=str(spec) if spec else "run")
-        if store.exists():
-            check_store_file(store)
-            if restart:
-                if not yes and not typer.confirm(f"Delete {store} and start over?", default=False, err=True):
-                    fail("not restarted; the store was left as it was")
-                _remove_store(store)
-        the_model = load_model_or_fail(model, threads, n_ctx)
-        db, resumed = open_run_store(store, config, the_model.fingerprint)
-    except USER_ERRORS as error:
-        fail(str(error))
-    settings = {"threads": threads, "argv": sys.argv[1:]}
-    session = db.begin_session(settings, resumed)
-    engine = TreeSynth(config, the_model, db, session)
-    live = progress and err.is_terminal
-    continue_command = "treesynth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
+                task = load_preset(preset)
+            else:
+                task = load_task_file(spec) if spec else {}
+            if description is not None:
+                task["description"] = description
+            if "description" not in task:
+                raise ConfigError("give a description or --spec TASK.toml")
+            overrides = {
+                "depth": depth,
+                "pivots": pivots,
+                "leaf_samples": leaf_samples,
+                "max_values": max_values,
+                "infinite_samples": infinite_samples,
+                "max_samples": max_samples,
+                "seed": seed,
+                "max_tokens": max_tokens,
+                "temperature.pivots": temperature_pivots,
+                "temperature.criterion": temperature_criterion,
+                "temperature.coverage": temperature_coverage,
+                "temperature.leaf": temperature_leaf,
+            }
+            config = build_config(task, overrides, source=str(spec) if spec else "run")
+            if restart and store.exists():
+                _restart(store, yes)
+            the_model = load_model_or_fail(model, threads, n_ctx)
+            db, resumed = open_run_store(store, config, the_model.fingerprint)
+            # Settings that do not change content: recorded per session, free to change between runs.
+            session = db.begin_session({"threads": threads, "progress": progress, "argv": sys.argv[1:]}, resumed)
+        except USER_ERRORS as error:
+            fail(str(error))
+        engine = TreeSynth(config, the_model, db, session)
+        live = progress and err.is_terminal
         with Renderer(err, live) as renderer:
             for event in engine.run():
                 renderer.handle(event)
                 last = event
     except KeyboardInterrupt:
-        err.print(f"\ninterrupted; the store is consistent. Continue with:\n  {continue_command}", highlight=False, markup=False)
+        # The step in progress was rolled back (or never began); every committed step stays.
+        state = "the store is consistent" if db is not None else "nothing was written"
+        err.print(f"\ninterrupted; {state}. Continue with:\n  {continue_command}", highlight=False, markup=False)
         raise typer.Exit(130)
+    except USER_ERRORS as error:
+        fail(f"{error}; nothing committed was lost. Fix it, then continue with: {continue_command}")
     except sqlite3.OperationalError as error:
-        fail(f"cannot write to the store ({error}); nothing committed was lost. Free space or fix permissions, then continue with: {continue_command}", 1)
+        fail(
+            f"cannot write to the store {store} ({error}); nothing committed was lost. "
+            f"Free space or fix permissions, then continue with: {continue_command}",
+            1,
+        )
+    except sqlite3.DatabaseError as error:
+        fail(f"the store {store} is damaged ({error}); check it with: treesynth verify {shlex.quote(str(store))}", 1)
+    except OSError as error:
+        what = f"{error.strerror}: {error.filename}" if error.filename else str(error)
+        fail(f"stopped: {what}; nothing committed was lost. Continue with: {continue_command}", 1)
     finally:
-        db.close()
+        if db is not None:
+            db.close()
     typer.echo(
         f"done: {last.samples} samples in {store} ({last.calls_sent} model calls sent, {last.calls_replayed} replayed "
         f"from the store, {last.wall_seconds:.1f} s)"
     )
+
+
+# Flags that must not be repeated by the command that continues a run.
+_ONE_OFF_FLAGS = ("--restart", "--yes", "-y")
+
+
+def _continue_command() -> str:
+    args = [a for a in sys.argv[1:] if a not in _ONE_OFF_FLAGS]
+    return "treesynth " + " ".join(shlex.quote(a) for a in args)
+
+
+def _restart(path: Path, yes: bool) -> None:
+    """Delete a store to start over: only a treesynth store, only when no
+    live run holds it, only after confirmation (or --yes)."""
+    check_store_file(path)
+    fd = acquire_lock(path)
+    try:
+        if not yes and not typer.confirm(f"Delete {path} and start over?", default=False, err=True):
+            if not sys.stdin.isatty():
+                err.print()  # the answer came from a pipe, so no newline was echoed
+            fail("not restarted; the store was left as it was")
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def load_model_or_fail(spec, threads, n_ctx):
@@ -131,22 +163,23 @@ def load_model_or_fail(spec, threads, n_ctx):
 
 
 def open_run_store(path: Path, config: TaskConfig, fingerprint: dict) -> tuple[Store, bool]:
-    """Continue an existing store with the same content config, or create one."""
+    """Continue an existing store with the same content config, or create one.
+    Either way the store comes back locked for this process."""
     wanted = {"config": config.model_dump(mode="json"), "model": fingerprint}
     if path.exists():
-        db = Store(path)
-        db.lock()
-        run_row = db.run()
-        differing = diff_keys(run_row["config"], wanted["config"]) + [
-            f"model.{k}" for k in diff_keys(run_row["model"], wanted["model"])
-        ]
-        if differing:
-            db.close()
-            raise StoreError(
+
+        def refuse(run_row: dict) -> str | None:
+            differing = diff_keys(run_row["config"], wanted["config"]) + [
+                f"model.{k}" for k in diff_keys(run_row["model"], wanted["model"])
+            ]
+            if not differing:
+                return None
+            return (
                 f"{path} was made with different settings ({', '.join(differing)}); "
                 "use the same settings to continue, a new --store, or --restart to start over"
             )
-        return db, True
+
+        return Store.open_writer(path, refuse=refuse), True
     import datetime
 
     from treesynth import __version__
@@ -162,7 +195,6 @@ def open_run_store(path: Path, config: TaskConfig, fingerprint: dict) -> tuple[S
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    db.lock()
     return db, False
 
 
@@ -210,15 +242,28 @@ def export(
 
 @app.command()
 def verify(store: Path = typer.Argument(..., help="The run's store.")) -> None:
-    """Check the SQLite file and recompute every stored sample hash."""
+    """Check the SQLite file and recompute every stored hash and key (read-only)."""
     db = open_store_or_fail(store)
-    integrity = db.db.execute("PRAGMA integrity_check").fetchone()[0]
-    problems = ([] if integrity == "ok" else [f"sqlite integrity: {integrity}"]) + db.verify()
-    for line in problems:
-        typer.echo(line)
+    problems = 0
+    try:
+        for (line,) in db.db.execute("PRAGMA integrity_check").fetchall():
+            if line != "ok":
+                typer.echo(f"sqlite integrity: {line}")
+                problems += 1
+        for line in db.verify():
+            typer.echo(line)
+            problems += 1
+        counts = db.counts()
+    except sqlite3.DatabaseError as error:
+        fail(f"{store} is damaged: {error}", 1)
+    finally:
+        db.close()
     if problems:
+        typer.echo(f"{problems} problem{'s' if problems != 1 else ''} found in {store}")
         raise typer.Exit(1)
-    typer.echo(f"ok: {db.counts()['samples']} samples verified")
+    typer.echo(
+        f"ok: {counts['samples']} samples, {counts['calls']} calls and {sum(counts['states'].values())} nodes verified"
+    )
 
 
 # Command groups that live in their own modules; each has register(app).

@@ -3,25 +3,41 @@
 Every step of the method commits its model call, its results and the node's
 new state in ONE transaction (``Store.commit``), so a run killed at any
 instant restarts from the last committed step. Rows are insert-or-ignore, so
-committing the same step twice is harmless."""
+committing the same step twice is harmless. ``synchronous=FULL``: a commit is
+on disk before the next model call starts, so even a power cut loses at most
+the call in flight.
+
+One writer: a run holds an exclusive ``flock`` on the store file for its
+whole life, taken before SQLite opens the file for writing. The kernel drops
+it when the process dies, however it dies, so a killed run never blocks the
+next one.
+
+Testing hook (documented, off unless set): ``TREESYNTH_TEST_KILL_IN_COMMIT=N``
+makes the N-th ``Store.commit`` of the process SIGKILL itself after all of
+the step's rows are written and before COMMIT, so the crash tests can kill a
+run inside a transaction at a chosen step instead of hoping a timer lands
+there."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import signal
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
 from treesynth.store import migrations
-from treesynth.store.keys import canonical_json, content_key
+from treesynth.store.keys import canonical_json, child_key, content_key, root_key
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+KILL_IN_COMMIT_ENV = "TREESYNTH_TEST_KILL_IN_COMMIT"
 
 
 class StoreError(RuntimeError):
@@ -53,17 +69,28 @@ class Step:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
+# -- checking a file before touching it ------------------------------------
+
+
 def check_store_file(path: Path) -> None:
-    """Refuse, without modifying it, a file that is not a treesynth store."""
+    """Refuse, without modifying it, a file that is not a treesynth store or
+    is visibly damaged (truncated)."""
+    path = Path(path)
     try:
         with open(path, "rb") as f:
-            header = f.read(len(SQLITE_HEADER))
+            header = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except IsADirectoryError:
+        raise StoreError(f"{path} is a directory, not a store file") from None
     except OSError as error:
         raise StoreError(f"cannot read store {path}: {error.strerror}") from None
-    if header != SQLITE_HEADER:
+    if header[: len(SQLITE_HEADER)] != SQLITE_HEADER:
         raise StoreError(f"{path} is not a treesynth store (not an SQLite file); it was left untouched")
+    truncated = _truncation(path, header, size)
+    if truncated:
+        raise StoreError(f"{path} is damaged ({truncated}); it was left untouched. Restore it from a copy or use a new --store")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = _peek_connection(path)
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             runs = conn.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
@@ -75,19 +102,124 @@ def check_store_file(path: Path) -> None:
         raise StoreError(f"{path} is an SQLite file but not a treesynth store; it was left untouched")
 
 
+def _peek_connection(path: Path) -> sqlite3.Connection:
+    """A read-only connection that leaves no trace: with no WAL file beside
+    the store there is nothing uncheckpointed to read, so the file is opened
+    as immutable and SQLite creates no -wal or -shm file next to it (which a
+    plain read-only connection to a WAL-mode file would, and leave behind)."""
+    wal = Path(str(path) + "-wal")
+    mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+    return sqlite3.connect(f"file:{_uri_path(path)}?{mode}", uri=True, isolation_level=None)
+
+
+def _uri_path(path: Path) -> str:
+    from urllib.parse import quote
+
+    return quote(str(Path(path).absolute()))
+
+
+def _truncation(path: Path, header: bytes, size: int) -> str | None:
+    """Why the file is shorter than its own header says, or None.
+
+    The header records the page size and (when the 'valid-for' counter matches
+    the change counter) the database size in pages. A WAL file beside it may
+    legitimately hold pages not yet copied back (a checkpoint cut short by a
+    kill), so with a non-empty WAL the check is left to SQLite's recovery."""
+    if len(header) < 100:
+        return f"only {size} bytes, shorter than an SQLite header"
+    wal = Path(str(path) + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return None
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"invalid page size {page_size} in its header"
+    if size % page_size:
+        return f"{size} bytes is not a whole number of {page_size}-byte pages"
+    pages = int.from_bytes(header[28:32], "big")
+    if header[24:28] == header[92:96] and pages * page_size > size:
+        return f"{size} bytes, but its header says {pages * page_size}: the file was cut short"
+    return None
+
+
+# -- the single-writer lock ----------------------------------------------
+
+
+def acquire_lock(path: Path) -> int:
+    """An exclusive flock on the store file, or StoreError naming the holder.
+
+    Taken on a descriptor of our own before SQLite opens the file, and closed
+    only after SQLite's connection is closed: closing any descriptor of a file
+    drops the process's POSIX locks on it, which SQLite relies on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = _live_writer_pid(path)
+        who = f" (pid {holder})" if holder else ""
+        raise StoreError(
+            f"{path} is being written by another treesynth process{who}; wait for it to finish or stop it, then run again"
+        ) from None
+    return fd
+
+
+def _live_writer_pid(path: Path) -> int | None:
+    try:
+        conn = _peek_connection(path)
+        try:
+            row = conn.execute("SELECT pid FROM sessions ORDER BY id DESC LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        if row and row[0]:
+            os.kill(row[0], 0)
+            return row[0]
+    except (sqlite3.Error, OSError):
+        pass
+    return None
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a run could not write to this store (file, -wal, -shm, or the
+    directory that must hold the -wal and -shm files), or None."""
+    if not os.access(path, os.W_OK):
+        return "the file is not writable"
+    parent = path.parent if str(path.parent) else Path(".")
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists() and not os.access(side, os.W_OK):
+            return f"{side.name} is not writable"
+        if not side.exists() and not os.access(parent, os.W_OK):
+            return f"its directory {parent} is not writable"
+    return None
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Store:
-    def __init__(self, path: Path, *, readonly: bool = False):
+    def __init__(
+        self, path: Path, *, readonly: bool = False, lock_fd: int | None = None, conn: sqlite3.Connection | None = None
+    ):
         self.path = Path(path)
         self.readonly = readonly
-        if readonly:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
-        else:
+        self._lock_fd = lock_fd
+        if conn is None and readonly:
+            conn = sqlite3.connect(f"file:{_uri_path(self.path)}?mode=ro", uri=True, isolation_level=None)
+        elif conn is None:
             conn = sqlite3.connect(str(self.path), isolation_level=None)
         self.db = sqlite_utils.Database(conn)
-        self._lock_fd: int | None = None
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self._commits = 0
+        self._kill_in_commit = int(os.environ.get(KILL_IN_COMMIT_ENV) or 0)
         if not readonly:
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA synchronous=FULL")
             migrations.apply(self.db)
 
     # -- opening ---------------------------------------------------------
@@ -101,43 +233,86 @@ class Store:
         return cls(path, readonly=readonly)
 
     @classmethod
+    def open_writer(cls, path: Path, refuse: Callable[[dict[str, Any]], str | None] | None = None) -> "Store":
+        """The store of a run to continue: checked and locked, then its run
+        row read through a read-only connection and passed to ``refuse``
+        (which returns why not to continue, or None), and only then opened
+        for writing; so a refused store is never written to."""
+        path = Path(path)
+        check_store_file(path)
+        unwritable = _unwritable(path)
+        if unwritable:
+            raise StoreError(f"cannot continue the run in {path}: {unwritable}; it was left untouched")
+        fd = acquire_lock(path)
+        try:
+            if refuse is not None:
+                peek = cls(path, readonly=True, conn=_peek_connection(path))
+                try:
+                    reason = refuse(peek.run())
+                finally:
+                    peek.db.conn.close()
+                if reason:
+                    raise StoreError(reason)
+            return cls(path, lock_fd=fd)
+        except sqlite3.Error as error:
+            os.close(fd)
+            raise StoreError(f"cannot open store {path} for writing ({error}); check the file and its directory are writable") from None
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
     def create(cls, path: Path, run: dict[str, Any]) -> "Store":
-        """Create a store atomically: build it beside the target, then rename,
-        so the target path only ever holds a complete, initialised store."""
+        """Create a store atomically and lock it: build it beside the target,
+        then hard-link it into place, so the target path only ever holds a
+        complete, initialised store, and a store another process created in
+        the meantime is never replaced."""
         path = Path(path)
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise StoreError(f"cannot create store {path}: directory {parent} does not exist")
         if not os.access(parent, os.W_OK):
             raise StoreError(f"cannot create store {path}: directory {parent} is not writable")
+        _remove_abandoned_creations(path)
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(tmp) + suffix).unlink(missing_ok=True)
+        lock_fd = None
         try:
+            _remove_files(tmp)
+            # Locked from the start: an unlocked .creating file is one whose creator died.
+            lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             store = cls(tmp)
             with store.transaction():
                 store.db["runs"].insert({"id": 1, **run})
             store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             store.db.execute("PRAGMA journal_mode=DELETE")
-            store.close()
-            os.rename(tmp, path)
-        except sqlite3.OperationalError as error:
-            raise StoreError(f"cannot create store {path}: {error}") from None
+            store.db.conn.close()
+            os.fsync(lock_fd)
+            _publish(tmp, path)
+            _fsync_path(parent, directory=True)
+        except FileExistsError:
+            _close(lock_fd)
+            raise StoreError(f"cannot create store {path}: another process created it meanwhile; run again to continue it") from None
+        except (sqlite3.Error, OSError) as error:
+            _close(lock_fd)
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise StoreError(f"cannot create store {path}: {reason}") from None
+        except BaseException:
+            _close(lock_fd)
+            raise
         finally:
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(tmp) + suffix).unlink(missing_ok=True)
-        return cls(path)
+            _remove_files(tmp)
+        try:
+            return cls(path, lock_fd=lock_fd)
+        except sqlite3.Error as error:
+            _close(lock_fd)
+            raise StoreError(f"cannot open the new store {path}: {error}") from None
 
     def lock(self) -> None:
-        """Hold the single-writer lock for this process's life. The kernel
-        drops it when the process dies, so a killed run never blocks the next."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(f"{self.path} is being written by another treesynth process; wait for it or stop it") from None
-        self._lock_fd = fd
+        """Take the single-writer lock on an already opened store (prefer
+        ``open_writer``, which locks before opening)."""
+        if self._lock_fd is None:
+            self._lock_fd = acquire_lock(self.path)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -153,7 +328,8 @@ class Store:
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.conn.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 
@@ -170,6 +346,9 @@ class Store:
                 self.db["nodes"].update(key, fields)
             if step.samples:
                 self.db["samples"].insert_all(step.samples, ignore=True)
+            self._commits += 1
+            if self._commits == self._kill_in_commit:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # -- runs and sessions -------------------------------------------------
 
@@ -236,13 +415,91 @@ class Store:
         while batch := cursor.fetchmany(2048):
             yield from batch
 
-    def verify(self) -> list[str]:
-        """Recompute every stored hash; returns one line per mismatch."""
-        problems = []
-        for row in self.db.query("SELECT leaf, call, idx, data, hash FROM samples"):
-            if content_key(json.loads(row["data"])) != row["hash"]:
-                problems.append(f"sample {row['leaf']}/{row['call']}/{row['idx']}: hash mismatch")
-        return problems
+    def verify(self) -> Iterator[str]:
+        """Recompute every stored hash and key; yields one line per mismatch.
+
+        The run's config hash; each node's key from its parent's key and its
+        attribute; each call's key from the run's model fingerprint and the
+        stored request; each sample's content hash. Streams, so memory stays
+        flat on a store of any size."""
+        run = self.run()
+        if content_key(run["config"]) != run["config_hash"]:
+            yield "run: config hash mismatch (the stored config was changed)"
+        nodes = self.db.execute("SELECT key, parent, depth, path FROM nodes")
+        while batch := nodes.fetchmany(2048):
+            for key, parent, depth, path in batch:
+                if _node_key(parent, json.loads(path)) != key:
+                    yield f"node {key}: key does not match its parent and attribute"
+        calls = self.db.execute("SELECT key, request FROM calls")
+        while batch := calls.fetchmany(2048):
+            for key, request in batch:
+                if content_key({"model": run["model"], "request": json.loads(request)}) != key:
+                    yield f"call {key}: key does not match the stored request and model"
+        samples = self.db.execute("SELECT leaf, call, idx, data, hash FROM samples")
+        while batch := samples.fetchmany(2048):
+            for leaf, call, idx, data, stored in batch:
+                if content_key(json.loads(data)) != stored:
+                    yield f"sample {leaf}/{call}/{idx}: hash mismatch"
+
+
+def _node_key(parent: str | None, path: list) -> str:
+    if parent is None:
+        return root_key()
+    dimension, value = path[-1]
+    return child_key(parent, dimension, canonical_json(value) if isinstance(value, list) else value)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give the finished file its name; never replace an existing one."""
+    try:
+        os.link(tmp, path)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        # A filesystem without hard links: rename, after a last look.
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.rename(tmp, path)
+
+
+def _remove_abandoned_creations(path: Path) -> None:
+    """Remove ``.NAME.creating-PID`` files whose creator died: its pid is gone
+    and nobody holds the file's lock."""
+    for leftover in path.parent.glob(f".{path.name}.creating-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            fd = os.open(leftover, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live process is creating it
+        finally:
+            os.close(fd)
+        _remove_files(leftover)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 _JSON_COLUMNS = ("path", "pivots", "labels", "value_list", "plan")

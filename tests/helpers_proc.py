@@ -1,0 +1,202 @@
+"""Run ``treesynth`` as a real process, kill it, and read what it left behind:
+helpers for the crash and resume tests.
+
+The fake model's ``log=FILE`` option appends one line per request SENT (the
+canonical JSON of the request, written before the answer is made), which is
+exactly the form the store keeps in ``calls.request``: comparing the two shows
+which sent requests were stored and whether a stored one was sent again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TREESYNTH = [sys.executable, "-m", "treesynth"]
+
+# A fake-model task whose tree has 71 nodes and 49 leaves, built with 134 model
+# calls (some answers rejected and retried): big enough to kill at many moments.
+FAKE_TASK = ["short math word problems", "--depth", "3", "--pivots", "5", "--leaf-samples", "2", "--max-values", "8",
+             "--infinite-samples", "2", "--seed", "1", "--no-progress"]  # fmt: skip
+
+
+def treesynth(*args: str, timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(TREESYNTH + list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start(args: list[str], out: Path, **kwargs: Any) -> subprocess.Popen:
+    """Start ``treesynth ARGS`` with stdout and stderr going to OUT (a file, so a
+    full pipe can never stall the process we mean to kill)."""
+    handle = open(out, "ab")
+    try:
+        return subprocess.Popen(TREESYNTH + args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
+    finally:
+        handle.close()
+
+
+def log_lines(log: Path) -> list[str]:
+    if not log.exists():
+        return []
+    text = log.read_text(encoding="utf-8")
+    assert not text or text.endswith("\n"), "a request line in the call log was cut short"
+    return text.splitlines()
+
+
+def wait_for_lines(proc: subprocess.Popen, log: Path, count: int, timeout: float = 120) -> bool:
+    """Wait until the call log holds COUNT lines; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    size = -1
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        current = log.stat().st_size if log.exists() else 0
+        if current != size:
+            size = current
+            if len(log_lines(log)) >= count:
+                return True
+        time.sleep(0.001)
+    raise AssertionError(f"no {count}th request within {timeout} s")
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> bool:
+    """Send SIG; True if it reached a running process."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return True
+
+
+def continue_command(stderr: str) -> list[str]:
+    """The command a stopped run printed for continuing it, as argv for this Python."""
+    lines = stderr.splitlines()
+    for i, line in enumerate(lines):
+        at = line.lower().find("continue with:")
+        if at >= 0:
+            rest = line[at + len("continue with:") :].strip() or lines[i + 1].strip()
+            argv = shlex.split(rest)
+            assert argv[0] == "treesynth", rest
+            return argv[1:]
+    raise AssertionError(f"no continue command in: {stderr}")
+
+
+# -- reading a store without changing it -----------------------------------
+
+
+def connect_ro(store: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+
+
+def stored_requests(store: Path) -> set[str]:
+    if not store.exists():
+        return set()
+    conn = connect_ro(store)
+    try:
+        return {row[0] for row in conn.execute("SELECT request FROM calls")}
+    finally:
+        conn.close()
+
+
+def calls_table(store: Path) -> list[tuple]:
+    conn = connect_ro(store)
+    try:
+        return conn.execute("SELECT key, node, role, step, attempt, request, response FROM calls ORDER BY key").fetchall()
+    finally:
+        conn.close()
+
+
+def consistency_problems(store: Path, every_leaf_call_succeeds: bool = True) -> list[str]:
+    """What a store left by a killed process must never show: SQLite damage, a
+    split node without all its children (or children without a split parent),
+    samples of leaf calls not marked done, leaf calls marked done without
+    their samples, or more samples than a call asked for."""
+    conn = connect_ro(store)
+    try:
+        problems = [f"integrity: {r[0]}" for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        nodes = {
+            row[0]: row
+            for row in conn.execute("SELECT key, parent, state, value_list, infinite, plan, calls_done FROM nodes")
+        }
+        children: dict[str, int] = {}
+        for key, parent, *_ in nodes.values():
+            if parent is not None:
+                children[parent] = children.get(parent, 0) + 1
+                if parent not in nodes or nodes[parent][2] != "split":
+                    problems.append(f"node {key} has no split parent")
+        samples: dict[tuple[str, int], int] = {}
+        for leaf, call in conn.execute("SELECT leaf, call FROM samples"):
+            samples[(leaf, call)] = samples.get((leaf, call), 0) + 1
+        for key, _, state, value_list, infinite, plan, calls_done in nodes.values():
+            if state == "split":
+                expected = 1 if infinite else len(json.loads(value_list))
+                if children.get(key, 0) != expected:
+                    problems.append(f"split node {key} has {children.get(key, 0)} children, not {expected}")
+            elif key in children:
+                problems.append(f"node {key} in state {state} has children")
+            if state in ("planned", "done"):
+                plan = json.loads(plan)
+                done = calls_done or 0
+                if (state == "done") != (done == len(plan)):
+                    problems.append(f"leaf {key}: state {state} with {done}/{len(plan)} calls done")
+                for call, asked in enumerate(plan):
+                    got = samples.pop((key, call), 0)
+                    if call >= done and got:
+                        problems.append(f"leaf {key}: samples of call {call}, which is not marked done")
+                    if got > asked or (every_leaf_call_succeeds and call < done and got != asked):
+                        problems.append(f"leaf {key}: call {call} holds {got} samples of {asked}")
+        problems += [f"samples of {leaf}/{call} outside any planned leaf call" for leaf, call in samples]
+        return problems
+    finally:
+        conn.close()
+
+
+def export_bytes(store: Path, out: Path) -> bytes:
+    result = treesynth("export", str(store), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return out.read_bytes()
+
+
+def file_state(path: Path) -> dict[str, bytes | None]:
+    """The bytes of a store and its WAL, to show nothing changed. An empty WAL
+    is the same as none (a read-only SQLite connection to a WAL-mode file
+    creates one). The -shm file is left out: it is SQLite's shared-memory
+    index of the WAL, where every reader records where it reads, rebuilt from
+    the WAL when lost."""
+    wal = Path(str(path) + "-wal")
+    return {"": path.read_bytes(), "-wal": (wal.read_bytes() or None) if wal.exists() else None}
+
+
+def without_permission_override():
+    """A ``preexec_fn`` that makes file permissions apply to the child.
+
+    Root ignores permission bits through CAP_DAC_OVERRIDE (and
+    CAP_DAC_READ_SEARCH); dropping both from the bounding set before exec
+    leaves the child root but bound by permissions like any user, so a test
+    of an unwritable store means the same when CI runs as root. For any other
+    user permissions already apply and nothing is done."""
+    if os.geteuid() != 0:
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+
+    def drop() -> None:
+        for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+    return drop
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
