@@ -325,7 +325,8 @@ def table_lines(plans: Sequence[LeafPlan], per_leaf: int) -> list[str]:
 
     lines = [f"{'leaf'.ljust(label_width)}  {'before':>6}  {'after':>5}"]
     for p in plans:
-        label = p.label if len(p.label) <= label_width else p.label[: label_width - 3] + "..."
+        # Cut from the left: the leaf's own value, at the end, tells leaves apart.
+        label = p.label if len(p.label) <= label_width else "..." + p.label[-(label_width - 3) :]
         kept, dropped, made = len(p.kept), p.before - len(p.kept), len(p.synthesised)
         bar = "#" * cells(kept) + "x" * (cells(kept + dropped) - cells(kept)) + "+" * (cells(kept + made) - cells(kept))
         lines.append(f"{label.ljust(label_width)}  {p.before:>6}  {p.after:>5}  {bar}".rstrip())

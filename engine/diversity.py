@@ -305,6 +305,7 @@ def table_lines(results: Sequence[Diversity]) -> list[str]:
         ("", [r.name for r in results]),
         ("samples", [str(r.samples) for r in results]),
         ("mean cosine similarity (lower = more diverse)", [fmt(r.cosine) for r in results]),
+        ("pairs averaged", [str(r.pairs) + (" *" if r.subset_seed is not None else "") if r.cosine is not None else "-" for r in results]),
         ("distinct-1", [fmt(r.distinct_1) for r in results]),
         ("distinct-2", [fmt(r.distinct_2) for r in results]),
         ("distinct words", [str(r.unique_1) for r in results]),
@@ -321,9 +322,7 @@ def table_lines(results: Sequence[Diversity]) -> list[str]:
     for r in results:
         if r.subset_seed is not None:
             lines.append(
-                f"note: {r.name}: cosine similarity over a seeded random {r.embedded} of {r.samples} samples "
+                f"* {r.name}: cosine similarity over a seeded random {r.embedded} of {r.samples} samples "
                 f"(all {r.pairs} pairs among them; seed {r.subset_seed})"
             )
-        elif r.cosine is not None:
-            lines.append(f"note: {r.name}: cosine similarity over all {r.pairs} pairs")
     return lines

@@ -49,7 +49,10 @@ class LlamaCppEmbedder:
         self.llm = _load(llama_cpp, path, threads, n_ctx, llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED)
         if self.llm.pooling_type() not in names:
             self.llm.close()
-            self.llm = _load(llama_cpp, path, threads, n_ctx, llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+            from llama_cpp._utils import suppress_stdout_stderr
+
+            with suppress_stdout_stderr(disable=False):  # llama.cpp warns that the GGUF names another pooling
+                self.llm = _load(llama_cpp, path, threads, n_ctx, llama_cpp.LLAMA_POOLING_TYPE_MEAN)
         pooling = names.get(self.llm.pooling_type())
         if pooling is None:
             raise ModelError(f"{path}: llama.cpp gives no pooled embedding for this model")

@@ -245,6 +245,13 @@ def test_table_shows_bars_counts_extremes_and_empty_leaves(tree):
     assert "6 before, 11 after (4 kept, 2 dropped, 7 synthesised)" in "\n".join(lines)
     assert "largest leaf before: fractions (5); smallest: geometry > shape: any of 3 (0)" in "\n".join(lines)
     assert lines[-1].startswith("short: 1 leaves below the target")
+    crowded = bal.plan_balance(t, [leaves["fractions"]] * 90, 3, seed=0)
+    for p in crowded[1:]:
+        p.synthesised = [({"text": "x"}, {})] * 3
+    scaled = bal.table_lines(crowded, 3)
+    assert scaled[1].split() == ["fractions", "90", "3", "#" + "x" * 29]  # 30 cells for 90 samples
+    assert scaled[2].split()[-1] == "+"
+    assert scaled[5] == "bar: # kept, x dropped, + synthesised (one cell = 3.0 samples)"
 
 
 # -- the CLI's refusals ---------------------------------------------------------------------

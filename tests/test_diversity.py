@@ -120,7 +120,8 @@ def test_beyond_max_embed_a_seeded_subset_is_embedded_and_the_output_says_so():
     again = FixedEmbedder()
     assert div.measure("big.jsonl", texts, again, max_embed=10, seed=3).cosine == result.cosine
     note = div.table_lines([result])[-1]
-    assert note == "note: big.jsonl: cosine similarity over a seeded random 10 of 50 samples (all 45 pairs among them; seed 3)"
+    assert note == "* big.jsonl: cosine similarity over a seeded random 10 of 50 samples (all 45 pairs among them; seed 3)"
+    assert div.table_lines([result])[3].split() == ["pairs", "averaged", "45", "*"]
     small = div.measure("small", texts[:10], FixedEmbedder(), max_embed=10)
     assert small.subset_seed is None and small.embedded == 10
 
@@ -152,9 +153,11 @@ def test_cli_side_by_side_table_and_json_without_a_model(tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["a.jsonl", "b.jsonl"]
     assert lines[1].split() == ["samples", "4", "3"]
-    assert lines[3].split() == ["distinct-1", "0.583", "0.333"]
-    assert lines[4].split() == ["distinct-2", "0.625", "0.333"]
-    assert lines[7].split()[-4:] == ["25.0", "%", "66.7", "%"]
+    assert lines[3].split() == ["pairs", "averaged", "-", "-"]  # --no-embeddings
+    assert lines[4].split() == ["distinct-1", "0.583", "0.333"]
+    assert lines[5].split() == ["distinct-2", "0.625", "0.333"]
+    assert lines[8].split()[-4:] == ["25.0", "%", "66.7", "%"]
+    assert len(lines) == 10
     as_json = _cli("diversity", "a.jsonl", "b.jsonl", "--no-embeddings", "--json", cwd=tmp_path)
     first = json.loads(as_json.stdout.splitlines()[0])
     assert first == div.measure("a.jsonl", ["a b c", "a b d", "x y z", "a b c"]).as_dict()
