@@ -142,4 +142,6 @@ def test_preset_runs_on_the_embedded_model_and_exports_valid_records(name, tmp_p
     if name == "simpletom":
         labels = [r["label"] for r in records]
         assert labels.count("A") == labels.count("B"), labels
-    print(f"\n{name}: {len(records)} records in {time.perf_counter() - started:.1f} s; first:\n{json.dumps(records[0], ensure_ascii=False)}")
+    tokens = Store.open_existing(store, readonly=True).counts()["tokens"]
+    print(f"\n{name}: {len(records)} records, {tokens} tokens, {time.perf_counter() - started:.1f} s; first:\n"
+          + json.dumps(records[0], ensure_ascii=False))

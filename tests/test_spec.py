@@ -137,6 +137,7 @@ UNSUPPORTED = [
     (obj(a={"enum": ["x", "x"]}), 'properties.a: "enum" repeats a value'),
     (obj(leaf=short()), "property 'leaf' is reserved for export"),
     (obj(a=short(pattern="(unclosed")), "the constraint engine refuses it"),
+    (obj(a=short(format="postcode")), "the constraint engine refuses it: Unknown format: postcode"),
 ]
 
 
