@@ -189,6 +189,16 @@ def test_cli_refuses_a_bad_spec_in_one_line_with_exit_2_before_any_model_call(tm
     assert not store.exists() and not log.exists()
 
 
+def test_cli_refuses_every_unsupported_construct_with_exit_2(tmp_path):
+    store = tmp_path / "run.db"
+    for schema, message in UNSUPPORTED:
+        task = write_task(tmp_path, f"sample_schema = '{json.dumps(schema)}'\n")
+        result = runner.invoke(app, ["run", "--spec", str(task), "--store", str(store), "--model", "fake:"])
+        assert result.exit_code == 2, (message, result.output)
+        assert result.stderr.startswith(f"error: {task}: sample_schema: ") and message in result.stderr, result.stderr
+        assert not store.exists()
+
+
 def test_preset_with_shuffle_choices_on_a_field_that_is_not_an_array_is_refused(tmp_path):
     task = load_preset("simpletom")
     task["shuffle_choices"] = {"choices": "question", "label": "label"}
