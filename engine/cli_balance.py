@@ -265,8 +265,7 @@ def balance(
         records, bad = read_jsonl(data, fields, skip_bad)
         _check_output(output)
         the_model = cli.load_model_or_fail(model, threads, n_ctx)
-        db = Store(store)
-        db.lock()
+        db = Store.open_writer(store)  # locked before it is opened for writing
     except (*cli.USER_ERRORS, InputError) as error:
         cli.fail(str(error))
     if bad:
