@@ -73,8 +73,13 @@ def status_lines(store: Store) -> list[str]:
     states: dict[str, Any] = counts["states"]
     leaves = sum(states.get(s, 0) for s in ("leaf", "planned", "done"))
     config = run["config"]
+    from treesynth.engine.baseline import baseline_mark
+
+    baseline = baseline_mark(store)
+    kind = "tree run" if baseline is None else f"baseline (temperature sampling from the root prompt, {baseline} samples)"
     return [
         f"store:       {store.path}",
+        f"kind:        {kind}",
         f"task:        {config['description']}",
         f"model:       {run['model'].get('file', run['model'].get('backend'))}",
         f"parameters:  depth {config['depth']}, pivots {config['pivots']}, leaf samples {config['leaf_samples']}, "

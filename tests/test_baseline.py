@@ -54,6 +54,7 @@ def test_baseline_is_a_run_of_the_root_prompt_alone_with_the_budget(tmp_path):
     assert all(json.loads(line)["attributes"] == {} for line in exported.stdout.splitlines())
     status = _cli("status", "base.db", cwd=tmp_path).stdout
     assert "finished:    yes" in status and "samples:     25" in status
+    assert "kind:        baseline (temperature sampling from the root prompt, 25 samples)" in status
     assert _cli("tree", "base.db", cwd=tmp_path).stdout.strip() == "(root)  [leaf: 25 samples, calls 3/3]"
 
 
@@ -80,6 +81,7 @@ def test_bad_budget_and_a_tree_store_are_refused(tmp_path):
     assert run.returncode == 0, run.stderr
     refused = _cli("baseline", "poems", "-n", "5", "--store", "t.db", "--model", "fake:", cwd=tmp_path)
     assert refused.returncode == 2 and "holds a tree run, not a baseline" in refused.stderr
+    assert "kind:        tree run" in _cli("status", "t.db", cwd=tmp_path).stdout
 
 
 def test_like_copies_the_tree_runs_task_and_budget(tmp_path):
