@@ -202,12 +202,12 @@ class LlamaCppModel:
         set_up = time.perf_counter()
         llm.reset()
         llm.eval(prompt)
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
         decoding = time.perf_counter()
         eval_seconds = 0.0
         out: list[int] = []
         finish = "length"
         for _ in range(max_tokens):
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
             if matcher is None:
                 ids = top_candidates(logits)
             else:
@@ -227,8 +227,15 @@ class LlamaCppModel:
                 finish = "stop"
                 break
             out.append(token)
+            if matcher is not None and matcher.is_stopped():  # the answer is complete: no logits needed after it
+                finish = "stop"
+                break
+            if len(out) == max_tokens:  # cut off: the same
+                break
             tick = time.perf_counter()
             llm.eval([token])
+            # Reading the logits waits for llama.cpp to finish the token: model time too.
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
             eval_seconds += time.perf_counter() - tick
         text = llm.detokenize(out).decode("utf-8", errors="replace")
         finished = time.perf_counter()
@@ -336,19 +343,13 @@ def allowed_candidates(logits: np.ndarray, words: np.ndarray, k: int = TOP_K) ->
 
 def sample_candidates(ids: np.ndarray, logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """top-k (by logit, ties by lower id), then temperature, then top-p; the best
-    at temperature 0. One RNG draw per token above temperature 0."""
-    k = min(TOP_K, ids.size)
-    if logits.size > k:
-        kth = np.partition(logits, -k)[-k]
-        above = np.flatnonzero(logits > kth)
-        tied = np.flatnonzero(logits == kth)
-        tied = tied[np.argsort(ids[tied], kind="stable")][: k - above.size]
-        top = np.concatenate((above, tied))
-    else:
-        top = np.arange(logits.size)
-    top = top[np.lexsort((ids[top], -logits[top]))]
+    at temperature 0. ``ids`` ascend. One RNG draw per token above temperature 0."""
     if temperature <= 0.0:
-        return int(ids[top[0]])
+        return int(ids[np.argmax(logits)])  # the first of the best: the lowest id among ties
+    if logits.size > 8 * TOP_K:  # the k best and their ties, before sorting
+        keep = np.flatnonzero(logits >= np.partition(logits, -TOP_K)[-TOP_K])
+        ids, logits = ids[keep], logits[keep]
+    top = np.argsort(-logits, kind="stable")[:TOP_K]  # stable over ascending ids: ties by lower id
     z = logits[top].astype(np.float64) / temperature
     z -= z[0]
     p = np.exp(z)
