@@ -4,6 +4,7 @@ and exit code 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sqlite3
@@ -90,6 +91,8 @@ def run(
                 "temperature.leaf": temperature_leaf,
             }
             config = build_config(task, overrides, source=str(spec) if spec else "run")
+            for warning in config.warnings:
+                err.print(f"warning: {warning}", highlight=False, markup=False)
             if restart and store.exists():
                 _restart(store, yes)
             the_model = load_model_or_fail(model, threads, n_ctx)
@@ -187,7 +190,8 @@ def open_run_store(path: Path, config: TaskConfig, fingerprint: dict) -> tuple[S
     db = Store.create(
         path,
         {
-            "config": canonical_json(wanted["config"]),
+            # Key order kept (not canonical JSON): export writes fields in the schema's order.
+            "config": json.dumps(wanted["config"], ensure_ascii=False, separators=(",", ":")),
             "config_hash": config.content_hash(),
             "model": canonical_json(fingerprint),
             "seed": config.seed,

@@ -20,7 +20,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["runs"].create(
         {
             "id": int,
-            "config": str,  # canonical JSON of the TaskConfig
+            "config": str,  # JSON of the TaskConfig in field order; config_hash is over its canonical JSON
             "config_hash": str,
             "model": str,  # canonical JSON of the model fingerprint
             "seed": int,

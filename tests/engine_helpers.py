@@ -15,7 +15,7 @@ def make_store(path: Path, config: TaskConfig, model) -> Store:
     store = Store.create(
         path,
         {
-            "config": canonical_json(config.model_dump(mode="json")),
+            "config": json.dumps(config.model_dump(mode="json"), separators=(",", ":")),
             "config_hash": config.content_hash(),
             "model": canonical_json(model.fingerprint),
             "seed": config.seed,
