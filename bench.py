@@ -366,7 +366,7 @@ def table(report: dict[str, Any]) -> str:
             rows.append(f"{m['name']}: NOT MEASURED: {m['error']}")
             continue
         rows.append(
-            f"{m['name']} (vocab {m['n_vocab']}, {m['threads']} threads): unconstrained {m['unconstrained_tok_s']:.1f} tok/s, "
+            f"{m['name']} (vocab {m['n_vocab']}, {m['threads']} llama.cpp thread{'' if m['threads'] == 1 else 's'}): unconstrained {m['unconstrained_tok_s']:.1f} tok/s, "
             f"cold start {m['cold_start_s']:.2f} s, engine overhead {m['engine_overhead_pct']:.1f} %, peak RSS {m['peak_rss_mb']:.0f} MB"
         )
         rows.append(f"  {'schema':<10}{'tok/s':>8}{'ratio':>7}{'ratio@eq':>9}{'setup1 ms':>11}{'setup ms':>10}{'ovh ms/tok':>12}  valid")
