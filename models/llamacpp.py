@@ -1,9 +1,10 @@
 """llama.cpp backend: a local GGUF run in-process, JSON constrained by outlines.
 
 Constraints: outlines' llguidance backend turns a JSON schema into a grammar;
-one ``LLMatcher`` per schema is compiled once (well under a millisecond) and
-reset per call. The llguidance tokenizer, built once per model, is the
-process's cold start. Each token, the matcher writes its bitmask of allowed
+one ``LLMatcher`` per schema is compiled once (well under a millisecond, so
+nothing is worth persisting across resumes) and reset per call. The
+llguidance tokenizer, built once per model, is the process's cold start.
+Each token, the matcher writes its bitmask of allowed
 tokens and the sampler looks only at allowed candidates: the few allowed ids
 when the mask is sparse, the best raw logits filtered by the mask when it is
 dense. Nothing is done over the whole 262k-entry vocabulary that a numpy

