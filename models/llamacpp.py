@@ -160,7 +160,7 @@ class LlamaCppModel:
     def guidance(self):
         """outlines' llguidance backend over this model's vocabulary, built on the
         first constrained call: the process's cold start (the tokenizer's token
-        trie and slices, about a second on a 262k vocabulary)."""
+        trie and slices: one to two seconds on a 262k vocabulary)."""
         if self._backend is None:
             self._backend = _llguidance_backend(llguidance_tokenizer(self._lib, self._vocab))
         return self._backend
