@@ -53,7 +53,7 @@ def run(
     temperature_coverage: Optional[float] = typer.Option(None, "--temperature-coverage", help="[0.5]"),
     temperature_leaf: Optional[float] = typer.Option(None, "--temperature-leaf", help="[0.9]"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per answer [2048]."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (does not change content)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads [half the cores] (does not change content)."),
     n_ctx: int = typer.Option(4096, "--n-ctx", help="Model context size in tokens."),
     restart: bool = typer.Option(False, "--restart", help="Delete the existing store and start over."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before --restart deletes a store."),

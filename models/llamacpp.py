@@ -95,7 +95,9 @@ class LlamaCppModel:
             raise ModelError(f"llama-cpp-python is not importable: {error}") from None
         self._lib = llama_cpp
         self.path = path
-        self.threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        # Half the cores, as llama-cpp-python does: ggml's threads spin, and with
+        # every core taken a busy machine made 2 threads 3-11x slower than 1.
+        self.threads = threads or max(1, (os.cpu_count() or 1) // 2)
         try:
             with _without_extra_buffer_types(llama_cpp.llama_cpp):
                 self.llm = llama_cpp.Llama(
