@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Generator, Sequence
 
 from treesynth.engine import prompts
+from treesynth.engine.calls import answer_call
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import draw_attributes
 from treesynth.engine.schemas import samples_schema
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, ModelError, Request, Response
-from treesynth.store import CallRecord, Step, Store
+from treesynth.store import Step, Store
 from treesynth.store.keys import content_key, derive_seed
 
 ROUTE_MAX_TOKENS = 128  # an enum value is at most 60 characters
@@ -191,26 +192,13 @@ class Balancer:
     def _call(self, node: str, role: str, step: str, attempt: int, request: Request) -> Response:
         """The answer from the store's call log, or from the model and then
         committed (one transaction) before it is used."""
-        key = content_key({"model": self.fingerprint, "request": request.key_material()})
-        row = self.store.cached_call(key)
-        if row is not None:
-            self.calls_replayed += 1
-            return Response(row["response"], row["completion_tokens"], row["prompt_tokens"], row["seconds"], row["finish_reason"])
-        response = self.model.generate([request])[0]
-        self.calls_sent += 1
-        call = CallRecord(
-            key=key,
-            node=node,
-            role=role,
-            step=step,
-            attempt=attempt,
-            request=request.key_material(),
-            response=response.text,
-            completion_tokens=response.completion_tokens,
-            prompt_tokens=response.prompt_tokens,
-            seconds=response.seconds,
-            finish_reason=response.finish_reason,
+        call, response, replayed = answer_call(
+            self.model, self.store, self.fingerprint, request, node=node, role=role, step=step, attempt=attempt
         )
+        if replayed:
+            self.calls_replayed += 1
+            return response
+        self.calls_sent += 1
         self.store.commit(Step(call=call), self.session)
         return response
 

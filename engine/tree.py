@@ -14,13 +14,14 @@ from typing import Any, Generator, Iterator
 
 from treesynth.engine import events as ev
 from treesynth.engine import prompts
+from treesynth.engine.calls import answer_call
 from treesynth.engine.checks import clean, criterion_problem, dedupe_values
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import draw_attributes, infinite_dimensions, plan_leaves
 from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criterion_schema, samples_schema
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, Request, Response
-from treesynth.store import CallRecord, Step, Store
+from treesynth.store import Step, Store
 from treesynth.store.keys import canonical_json, child_key, content_key, derive_seed, root_key
 
 Events = Generator[ev.Event, None, Any]
@@ -241,29 +242,15 @@ class TreeSynth:
             top_p=self.config.top_p,
             seed=derive_seed(self.config.seed, node["key"], step, attempt),
         )
-        key = content_key({"model": self.fingerprint, "request": request.key_material()})
-        row = self.store.cached_call(key)
-        if row is not None:
+        call, response, replayed = answer_call(
+            self.model, self.store, self.fingerprint, request, node=node["key"], role=role, step=step, attempt=attempt
+        )
+        if replayed:
             self.calls_replayed += 1
-            response = Response(row["response"], row["completion_tokens"], row["prompt_tokens"], row["seconds"], row["finish_reason"])
         else:
-            response = self.model.generate([request])[0]
             self.calls_sent += 1
             self.model_seconds += response.seconds
-        call = CallRecord(
-            key=key,
-            node=node["key"],
-            role=role,
-            step=step,
-            attempt=attempt,
-            request=request.key_material(),
-            response=response.text,
-            completion_tokens=response.completion_tokens,
-            prompt_tokens=response.prompt_tokens,
-            seconds=response.seconds,
-            finish_reason=response.finish_reason,
-        )
-        yield ev.CallFinished(role, node["key"], response.completion_tokens, response.seconds, row is not None)
+        yield ev.CallFinished(role, node["key"], response.completion_tokens, response.seconds, replayed)
         return call, response
 
     def _commit(self, step: Step) -> None:

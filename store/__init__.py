@@ -47,7 +47,7 @@ from treesynth.store.files import (
     unwritable,
     uri_path,
 )
-from treesynth.store.keys import canonical_json, child_key, content_key, root_key
+from treesynth.store.keys import call_key, canonical_json, child_key, content_key, root_key
 
 __all__ = ["SQLITE_HEADER", "CallRecord", "Step", "Store", "StoreError", "acquire_lock", "check_store_file"]
 
@@ -310,7 +310,7 @@ class Store:
         calls = self.db.execute("SELECT key, request FROM calls")
         while batch := calls.fetchmany(2048):
             for key, request in batch:
-                if content_key({"model": run["model"], "request": json.loads(request)}) != key:
+                if call_key(run["model"], json.loads(request)) != key:
                     yield f"call {key}: key does not match the stored request and model"
         samples = self.db.execute("SELECT leaf, call, idx, data, hash FROM samples")
         while batch := samples.fetchmany(2048):

@@ -34,6 +34,11 @@ def derive_seed(run_seed: int, node_key: str, step: str, attempt: int) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0x7FFFFFFF
 
 
+def call_key(fingerprint: dict[str, Any], request: dict[str, Any]) -> str:
+    """A model call's key: the model fingerprint and the request's key material."""
+    return content_key({"model": fingerprint, "request": request})
+
+
 def root_key() -> str:
     return content_key(["root"])
 
