@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from treesynth.engine.config import ConfigError, TaskConfig, build_config, diff_keys, load_task_file
+from treesynth.engine.config import ConfigError, TaskConfig, build_config, diff_keys
+from treesynth.engine.presets import load_task
 from treesynth.engine.export import is_finished, render_tree, status_lines, write_jsonl
 from treesynth.engine.render import Renderer
 from treesynth.engine.tree import TreeSynth
@@ -64,18 +65,7 @@ def run(
     db: Store | None = None
     try:
         try:
-            if spec and preset:
-                raise ConfigError("give --spec or --preset, not both")
-            if preset:
-                from treesynth.engine.presets import load_preset
-
-                task = load_preset(preset)
-            else:
-                task = load_task_file(spec) if spec else {}
-            if description is not None:
-                task["description"] = description
-            if "description" not in task:
-                raise ConfigError("give a description or --spec TASK.toml")
+            task = load_task(description, spec, preset, missing="give a description or --spec TASK.toml")
             overrides = {
                 "depth": depth,
                 "pivots": pivots,

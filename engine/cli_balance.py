@@ -87,7 +87,8 @@ def baseline(
     """The paper's baseline: temperature sampling from the root prompt alone,
     same model, sample schema and budget as a tree run; resumable like a run."""
     from treesynth.engine.baseline import baseline_config, like_task, prepare
-    from treesynth.engine.config import ConfigError, load_task_file
+    from treesynth.engine.config import ConfigError
+    from treesynth.engine.presets import load_task
     from treesynth.engine.render import Renderer
     from treesynth.engine.tree import TreeSynth
     from treesynth.store import Store, check_store_file
@@ -107,16 +108,10 @@ def baseline(
                 if samples < 1:
                     raise ConfigError(f"{like} holds no samples yet; give -n")
             tree_store.close()
-        elif preset:
-            from treesynth.engine.presets import load_preset
-
-            task = load_preset(preset)
+            if description is not None:
+                task["description"] = description
         else:
-            task = load_task_file(spec) if spec else {}
-        if description is not None:
-            task["description"] = description
-        if "description" not in task:
-            raise ConfigError("give a description, --spec TASK.toml, --preset NAME or --like STORE")
+            task = load_task(description, spec, preset, missing="give a description, --spec TASK.toml, --preset NAME or --like STORE")
         if samples is None:
             raise ConfigError("give -n, the number of samples (the tree run's budget)")
         if samples < 1:

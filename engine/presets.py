@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from treesynth.engine.config import ConfigError, parse_task_text
+from treesynth.engine.config import ConfigError, load_task_file, parse_task_text
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -40,3 +41,16 @@ def load_preset(name: str) -> dict[str, Any]:
 def preset_summary(name: str) -> str:
     first = preset_text(name).splitlines()[0]
     return first.removeprefix("#").strip().removeprefix(f"{name}:").strip()
+
+
+def load_task(description: str | None, spec: Path | None, preset: str | None, missing: str) -> dict[str, Any]:
+    """The task dict from a task file or a preset (at most one), with the
+    description given on the command line in place of theirs."""
+    if spec and preset:
+        raise ConfigError("give --spec or --preset, not both")
+    task = load_preset(preset) if preset else load_task_file(spec) if spec else {}
+    if description is not None:
+        task["description"] = description
+    if "description" not in task:
+        raise ConfigError(missing)
+    return task
