@@ -1,3 +1,3 @@
-from treesynth.engine.cli import main
+from treesynth.engine.entry import main
 
 main()

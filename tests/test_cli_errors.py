@@ -139,3 +139,23 @@ def test_read_commands_on_a_missing_or_foreign_store(tmp_path):
     foreign = tmp_path / "f.db"
     foreign.write_text("hello")
     assert_user_error(treesynth("status", str(foreign)), "not a treesynth store")
+
+
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path):
+    import signal
+    import time
+
+    for i, delay in enumerate((0.02, 0.1, 0.2, 0.3, 0.45)):
+        store = tmp_path / f"s{i}.db"
+        proc = subprocess.Popen(
+            TREESYNTH + ["run", DESC, "--store", str(store), "--model", "fake:delay=0.05"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode == 0:  # finished before the signal: nothing to check
+            continue
+        assert proc.returncode == 130, (delay, stderr)
+        assert "Traceback" not in stderr, stderr
+        assert "interrupted" in stderr
