@@ -4,7 +4,6 @@ cause end in one line and exit code 2; no output file is written half-way."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sqlite3

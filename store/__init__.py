@@ -185,12 +185,6 @@ class Store:
             close_fd(lock_fd)
             raise StoreError(f"cannot open the new store {path}: {error}") from None
 
-    def lock(self) -> None:
-        """Take the single-writer lock on an already opened store (prefer
-        ``open_writer``, which locks before opening)."""
-        if self._lock_fd is None:
-            self._lock_fd = acquire_lock(self.path)
-
     def close(self) -> None:
         self.db.conn.close()
         if self._lock_fd is not None:
@@ -255,9 +249,6 @@ class Store:
         return rows[0] if rows else None
 
     # -- nodes -------------------------------------------------------------
-
-    def node(self, key: str) -> dict[str, Any]:
-        return _decode_node(self.db["nodes"].get(key))
 
     def nodes(self, where: str = "1", params: list[Any] | None = None) -> list[dict[str, Any]]:
         sql = f"SELECT * FROM nodes WHERE {where} ORDER BY depth, position"
