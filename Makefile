@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.treesynth-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ setup: $(STAMP)
 # The demo: a small GSM8K-style dataset on the embedded model, offline.
 run: $(STAMP)
 	$(BIN)/treesynth run "GSM8K-style grade-school math word problems" --store demo.db \
-		--depth 2 --pivots 4 --leaf-samples 3 --max-values 4 --infinite-samples 1 --max-samples 30 --seed 7
+		--depth 2 --pivots 4 --max-values 4 --samples 30 --seed 7
 	$(BIN)/treesynth tree demo.db
 	$(BIN)/treesynth export demo.db -o demo.jsonl
 	@echo "wrote demo.jsonl"
@@ -31,6 +31,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m treesynth.bench
+
+# The quality benchmark (not a test): tree vs baseline on the embedded model
+# for benchmarks/tasks.toml and the presets; prints a table, writes quality.json.
+quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) demo.db demo.db-wal demo.db-shm demo.jsonl bench.json

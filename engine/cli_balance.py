@@ -119,8 +119,9 @@ def baseline(
         config = baseline_config(task, overrides, samples, source=str(spec) if spec else "baseline")
         if store.exists():
             check_store_file(store)
+        embedder = cli.load_embedder()
         the_model = cli.load_model_or_fail(model, threads, n_ctx)
-        db, resumed = cli.open_run_store(store, config, the_model.fingerprint)
+        db, resumed = cli.open_run_store(store, config, the_model.fingerprint, cli.method_of(embedder))
         try:
             prepare(db, config)
         except BaseException:
@@ -131,7 +132,7 @@ def baseline(
     if like_model is not None and like_model != the_model.fingerprint:
         cli.err.print(f"note: {like} was made with another model ({like_model.get('file', like_model.get('backend'))})", highlight=False, markup=False)
     session = db.begin_session({"threads": threads, "argv": sys.argv[1:], "command": "baseline"}, resumed)
-    engine = TreeSynth(config, the_model, db, session)
+    engine = TreeSynth(config, the_model, db, embedder, session)
     live = progress and cli.err.is_terminal
     last = None
     try:
@@ -147,8 +148,10 @@ def baseline(
         cli.fail(f"cannot write to the store ({error}); nothing committed was lost. Continue with: {_continue_command()}", 1)
     finally:
         db.close()
+    for line in cli.finish_lines(last, config.samples):
+        cli.err.print(line, highlight=False, markup=False)
     typer.echo(
-        f"done: baseline of {last.samples} samples in {store} ({last.calls_sent} model calls sent, "
+        f"done: baseline of {last.samples} samples in {store} ({last.dropped} dropped; {last.calls_sent} model calls sent, "
         f"{last.calls_replayed} replayed from the store, {last.wall_seconds:.1f} s)"
     )
 
@@ -159,28 +162,34 @@ def baseline(
 def diversity(
     inputs: List[Path] = typer.Argument(..., help="JSONL files or run stores, measured side by side."),
     field: Optional[List[str]] = typer.Option(None, "--field", "-f", help="Field(s) whose text is measured [every string field but leaf and attributes]."),
-    embedder: Optional[str] = typer.Option(None, "--embedder", help="A local GGUF for llama.cpp embeddings [the embedded SmolLM2-135M]."),
-    no_embeddings: bool = typer.Option(False, "--no-embeddings", help="Skip the cosine figure (no model loaded)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="JSONL of real data of the domain: adds each file's mean cosine to its nearest reference record."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="minilm (an independent sentence embedder), generator (the embedded SmolLM2's own hidden states) or a local GGUF for llama.cpp embeddings [minilm]."),
+    no_embeddings: bool = typer.Option(False, "--no-embeddings", help="Skip the embedding measures (no model loaded)."),
     max_embed: int = typer.Option(DEFAULT_MAX_EMBED, "--max-embed", help="Beyond this many samples, embed a seeded random subset of this size."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subset drawn beyond --max-embed."),
     near: float = typer.Option(DEFAULT_NEAR, "--near", help="Jaccard similarity of word 3-gram sets from which two samples are near duplicates."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) lines that are not JSON objects or lack a --field."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per file instead of the table."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (--embedder generator or a GGUF)."),
 ) -> None:
     """Diversity of datasets side by side: mean pairwise cosine similarity of
-    embeddings (the paper's figure), distinct-1/2, exact and near duplicates."""
-    from treesynth.engine.diversity import measure, read_jsonl, store_texts, table_lines
+    sentence embeddings (the paper's figure), near duplicates by embedding,
+    similarity to real data (--reference), distinct-1/2, exact and near duplicates."""
+    from treesynth.engine.diversity import embed_reference, measure, read_jsonl, read_reference, store_texts, table_lines
+    from treesynth.models.embed import describe_embedder, load_embedder
     from treesynth.store import Store
 
     cli = _cli()
     fields = list(field) if field else None
     texts_by_input: list[tuple[str, list[str]]] = []
+    the_reference = None
     try:
         if max_embed < 2:
             raise InputError(f"--max-embed must be at least 2, not {max_embed}")
         if not 0 < near <= 1:
             raise InputError(f"--near must be in (0, 1], not {near}")
+        if reference is not None and no_embeddings:
+            raise InputError("--reference needs embeddings; drop --no-embeddings")
         for path in inputs:
             if _is_sqlite(path):
                 db = Store.open_existing(path, readonly=True)
@@ -198,23 +207,30 @@ def diversity(
             if bad:
                 cli.err.print(f"{path}: skipped {bad} bad lines", highlight=False, markup=False)
             texts_by_input.append((str(path), texts))
-        the_embedder = None
-        if not no_embeddings:
-            from treesynth.models.embed import load_embedder
-
-            the_embedder = load_embedder(embedder, threads=threads)
+        if reference is not None:
+            reference_texts, bad = read_reference(reference, fields, skip_bad)  # before any model loads
+            if bad:
+                cli.err.print(f"{reference}: skipped {bad} bad lines", highlight=False, markup=False)
+        the_embedder = None if no_embeddings else load_embedder(embedder, threads=threads)
+        if reference is not None:
+            the_reference = embed_reference(str(reference), reference_texts, the_embedder, max_embed=max_embed, seed=seed)
     except (*cli.USER_ERRORS, InputError) as error:
         cli.fail(str(error))
-    results = [measure(name, texts, the_embedder, max_embed=max_embed, seed=seed, near=near) for name, texts in texts_by_input]
+    results = [
+        measure(name, texts, the_embedder, max_embed=max_embed, seed=seed, near=near, reference=the_reference)
+        for name, texts in texts_by_input
+    ]
     if as_json:
         for r in results:
             typer.echo(canonical_json(r.as_dict()))
         return
     for line in table_lines(results):
         typer.echo(line)
+    if the_reference is not None:
+        subset = f"a seeded random {the_reference.embedded} of " if the_reference.embedded < the_reference.records else ""
+        typer.echo(f"reference: {the_reference.name} ({subset}{the_reference.records} records)")
     if the_embedder is not None:
-        fp = the_embedder.fingerprint
-        typer.echo(f"embedder: {fp['file']} ({fp['backend']}, {fp['pooling']} pooling)")
+        typer.echo(f"embedder: {describe_embedder(the_embedder.fingerprint)}")
 
 
 # -- balance -------------------------------------------------------------------------------

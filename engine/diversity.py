@@ -19,7 +19,23 @@ Definitions (what a person recomputing the numbers should do):
 - Near duplicates: the share of samples whose word-3-gram set (the word set
   for texts of fewer than 3 words) has Jaccard similarity >= ``near`` with an
   earlier sample's (exact duplicates included). Computed exactly for every
-  pair with prefix filtering, no sampling."""
+  pair with prefix filtering, no sampling.
+- Near duplicates by embedding: the share of samples whose embedding has
+  cosine similarity >= ``cosine_near`` (0.95) with the embedding of an
+  EARLIER sample of the same file (so a pair of near-copies counts once: the
+  share a keep-the-first dedup would drop; exact duplicates included). Over
+  the embedded samples (the seeded subset beyond ``max_embed``).
+- Reference similarity (``--reference FILE``): FILE is JSONL of real (or
+  hand-written) data of the domain, its text taken by the same rules as the
+  measured files'. For each embedded sample, the highest cosine similarity
+  to any reference record (its nearest reference record); the mean over
+  samples. Higher = looks more like the real thing; a file measured against
+  itself scores 1. Beyond ``max_embed`` reference records, a seeded random
+  subset of ``max_embed`` is embedded (same seed). Noise and off-task text
+  score low here however diverse they look by mean cosine.
+
+The embedder is independent of the generator by default (MiniLM, see
+``treesynth.models.embed``); its fingerprint is printed with the table."""
 
 from __future__ import annotations
 
@@ -41,6 +57,7 @@ EXCLUDED_FIELDS = ("leaf", "attributes")
 SHINGLE = 3
 DEFAULT_NEAR = 0.7
 DEFAULT_MAX_EMBED = 2000
+DEFAULT_COSINE_NEAR = 0.95
 _WORDS = re.compile(r"\w+")
 
 
@@ -167,6 +184,24 @@ def mean_pairwise_cosine(embeddings: np.ndarray) -> float | None:
     return (float(total @ total) - squares) / (n * (n - 1))
 
 
+def cosine_near_duplicate_flags(embeddings: np.ndarray, threshold: float = DEFAULT_COSINE_NEAR) -> list[bool]:
+    """For each row: cosine >= ``threshold`` with an earlier row (unit rows)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    flags = []
+    for i in range(e.shape[0]):
+        flags.append(bool(i) and bool((e[:i] @ e[i] >= threshold).any()))
+    return flags
+
+
+def reference_similarity(embeddings: np.ndarray, reference: np.ndarray) -> float | None:
+    """Mean over rows of the cosine to the nearest reference row (unit rows)."""
+    e, r = np.asarray(embeddings, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if e.shape[0] == 0 or r.shape[0] == 0:
+        return None
+    nearest = np.concatenate([(e[i : i + 512] @ r.T).max(axis=1) for i in range(0, e.shape[0], 512)])
+    return float(nearest.mean())
+
+
 def shingles(tokens: Sequence[str]) -> frozenset[tuple[str, ...]]:
     size = min(SHINGLE, len(tokens))
     if size == 0:
@@ -239,6 +274,10 @@ class Diversity:
     near_duplicates: float
     near: float
     subset_seed: int | None  # set when a subset was embedded
+    cosine_near_duplicates: float | None = None  # share with cosine >= cosine_near to an earlier sample
+    cosine_near: float = DEFAULT_COSINE_NEAR
+    reference: str | None = None  # the --reference file
+    reference_similarity: float | None = None  # mean cosine to the nearest reference record
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,21 +298,28 @@ def measure(
     max_embed: int = DEFAULT_MAX_EMBED,
     seed: int = 0,
     near: float = DEFAULT_NEAR,
+    cosine_near: float = DEFAULT_COSINE_NEAR,
+    reference: Reference | None = None,
 ) -> Diversity:
-    """Every measure of one file's texts; ``embedder`` None skips the cosine figure."""
+    """Every measure of one file's texts; ``embedder`` None skips the
+    embedding measures, ``reference`` None the reference similarity."""
     tokens = [words(t) for t in texts]
     unique_1, total_1 = distinct_n(tokens, 1)
     unique_2, total_2 = distinct_n(tokens, 2)
     exact, near_flags = duplicate_flags(texts, near)
     n = len(texts)
-    cosine, embedded, pairs, subset_seed = None, 0, 0, None
+    cosine, embedded, pairs, subset_seed, cosine_dups, ref_sim = None, 0, 0, None, None, None
     if embedder is not None:
         subset = embedding_subset(n, max_embed, seed)
         chosen = texts if subset is None else [texts[i] for i in subset]
         embedded = len(chosen)
         pairs = embedded * (embedded - 1) // 2
-        cosine = mean_pairwise_cosine(embedder.embed(chosen)) if embedded >= 2 else None
+        vectors = embedder.embed(chosen)
+        cosine = mean_pairwise_cosine(vectors) if embedded >= 2 else None
+        cosine_dups = sum(cosine_near_duplicate_flags(vectors, cosine_near)) / embedded if embedded else None
         subset_seed = None if subset is None else seed
+        if reference is not None:
+            ref_sim = reference_similarity(vectors, reference.embeddings)
     return Diversity(
         name=name,
         samples=n,
@@ -288,7 +334,40 @@ def measure(
         near_duplicates=sum(near_flags) / n if n else 0.0,
         near=near,
         subset_seed=subset_seed,
+        cosine_near_duplicates=cosine_dups,
+        cosine_near=cosine_near,
+        reference=None if reference is None else reference.name,
+        reference_similarity=ref_sim,
     )
+
+
+@dataclass
+class Reference:
+    """Real (or hand-written) data of the domain, embedded once."""
+
+    name: str
+    records: int  # records with text
+    embedded: int  # records embedded (all, or a seeded subset)
+    embeddings: np.ndarray
+
+
+def read_reference(path: Path, fields: Sequence[str] | None, skip_bad: bool) -> tuple[list[str], int]:
+    """The texts of a reference file and how many bad lines were skipped;
+    every problem is one InputError line that says it is about the reference."""
+    try:
+        records, bad = read_jsonl(Path(path), fields, skip_bad)
+    except InputError as error:
+        raise InputError(f"reference: {error}") from None
+    texts = [r.text for r in records if r.text.strip()]
+    if not texts:
+        raise InputError(f"reference: {path} has no record with text to compare against")
+    return texts, bad
+
+
+def embed_reference(name: str, texts: Sequence[str], embedder, *, max_embed: int = DEFAULT_MAX_EMBED, seed: int = 0) -> Reference:
+    subset = embedding_subset(len(texts), max_embed, seed)
+    chosen = list(texts) if subset is None else [texts[i] for i in subset]
+    return Reference(name, len(texts), len(chosen), embedder.embed(chosen))
 
 
 # -- display -----------------------------------------------------------------------
@@ -297,9 +376,13 @@ def measure(
 def table_lines(results: Sequence[Diversity]) -> list[str]:
     """The files side by side, one column each, then a note per sampled file."""
     near = results[0].near if results else DEFAULT_NEAR
+    cosine_near = results[0].cosine_near if results else DEFAULT_COSINE_NEAR
 
     def fmt(value: float | None, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f} %"
 
     rows = [
         ("", [r.name for r in results]),
@@ -312,7 +395,10 @@ def table_lines(results: Sequence[Diversity]) -> list[str]:
         ("distinct word pairs", [str(r.unique_2) for r in results]),
         ("exact duplicates", [f"{100 * r.exact_duplicates:.1f} %" for r in results]),
         (f"near duplicates (3-gram Jaccard >= {near:g})", [f"{100 * r.near_duplicates:.1f} %" for r in results]),
+        (f"near duplicates (cosine >= {cosine_near:g})", [pct(r.cosine_near_duplicates) for r in results]),
     ]
+    if any(r.reference is not None for r in results):
+        rows.append(("reference similarity (higher = closer to the reference)", [fmt(r.reference_similarity) for r in results]))
     label_width = max(len(label) for label, _ in rows)
     widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(results))]
     lines = [

@@ -1,12 +1,16 @@
 """The embedder seam: texts in, unit-length vectors out, plus a fingerprint.
 
-The default embedder is llama.cpp's embedding mode on a local GGUF, the
-embedded generation model unless another file is given: no new dependency,
-nothing downloaded. An embedding model's GGUF (e.g. a BERT-style sentence
-embedder) keeps the pooling its metadata names; a generation model, which
-names none, gets mean pooling over its last hidden states. Each text is
-embedded on its own, with the context cleared, so a text's vector never
-depends on which other texts were embedded with it."""
+The default embedder is MiniLM (all-MiniLM-L6-v2, run in numpy by
+``treesynth.models.minilm``): a sentence embedder independent of the
+generator, installed offline with the package. The generator's own hidden
+states rated everything alike and rated noise as diverse, so they are only
+an option: ``--embedder generator`` is llama.cpp's embedding mode on the
+embedded generation model, and ``--embedder FILE.gguf`` the same on any local
+GGUF. There an embedding model's GGUF (e.g. a BERT-style sentence embedder)
+keeps the pooling its metadata names; a generation model, which names none,
+gets mean pooling over its last hidden states. Each text is embedded on its
+own, with the context cleared, so a text's vector never depends on which
+other texts were embedded with it."""
 
 from __future__ import annotations
 
@@ -101,9 +105,32 @@ def normalise_rows(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
-def load_embedder(spec: str | None, *, threads: int | None = None) -> Embedder:
-    """``--embedder``: a local GGUF path; the embedded generation model when none is given."""
-    from treesynth.models.embedded import default_model_path
+DEFAULT_EMBEDDER = "minilm"
+GENERATOR_EMBEDDER = "generator"
 
-    path = Path(spec).expanduser() if spec else default_model_path()
-    return LlamaCppEmbedder(path, threads=threads)
+
+def load_embedder(spec: str | None, *, threads: int | None = None) -> Embedder:
+    """``--embedder``: ``minilm`` (the default), ``generator`` (llama.cpp
+    embeddings of the embedded generation model) or a local GGUF path."""
+    if spec is None or spec == DEFAULT_EMBEDDER:
+        from treesynth.models.minilm import load_minilm
+
+        return load_minilm()
+    if spec == GENERATOR_EMBEDDER:
+        from treesynth.models.embedded import default_model_path
+
+        return LlamaCppEmbedder(default_model_path(), threads=threads)
+    return LlamaCppEmbedder(Path(spec).expanduser(), threads=threads)
+
+
+def describe_embedder(fingerprint: dict[str, Any]) -> str:
+    """One line naming an embedder from its fingerprint, whatever its kind."""
+    name = fingerprint.get("file") or fingerprint.get("model") or "?"
+    details = [str(fingerprint.get("backend", "?"))]
+    if "pooling" in fingerprint:
+        details.append(f"{fingerprint['pooling']} pooling")
+    if "dims" in fingerprint:
+        details.append(f"{fingerprint['dims']} dims")
+    if "max_tokens" in fingerprint:
+        details.append(f"first {fingerprint['max_tokens']} tokens")
+    return f"{name} ({', '.join(details)})"

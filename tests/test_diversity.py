@@ -1,6 +1,7 @@
 """Diversity: known numbers on known sets, the exact near-duplicate search
-against brute force, seeded subsets, and the CLI side by side on the
-embedded model's embeddings."""
+against brute force, seeded subsets, the CLI side by side on the default
+independent embedder (MiniLM) and on the generator's own embeddings, and
+--reference against the hand-written reference files of the benchmark."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import random
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from treesynth.engine import diversity as div
-from treesynth.models.embed import LlamaCppEmbedder, normalise_rows
+from treesynth.engine.cli import app
+from treesynth.models.embed import LlamaCppEmbedder, describe_embedder, load_embedder, normalise_rows
 
 TREESYNTH = [sys.executable, "-m", "treesynth"]
+REFERENCE = Path(__file__).resolve().parent.parent / "benchmarks" / "reference"
 
 
 class FixedEmbedder:
@@ -32,6 +38,11 @@ class FixedEmbedder:
     def embed(self, texts):
         self.asked.append(list(texts))
         return normalise_rows(np.array([self.vectors.get(t, [1.0, float(len(t))]) for t in texts]))
+
+
+@pytest.fixture(scope="module")
+def minilm_embedder():
+    return load_embedder(None)
 
 
 @pytest.fixture(scope="module")
@@ -157,22 +168,26 @@ def test_cli_side_by_side_table_and_json_without_a_model(tmp_path):
     assert lines[4].split() == ["distinct-1", "0.583", "0.333"]
     assert lines[5].split() == ["distinct-2", "0.625", "0.333"]
     assert lines[8].split()[-4:] == ["25.0", "%", "66.7", "%"]
-    assert len(lines) == 10
+    assert lines[10].split() == ["near", "duplicates", "(cosine", ">=", "0.95)", "-", "-"]  # --no-embeddings
+    assert len(lines) == 11  # no reference row without --reference
     as_json = _cli("diversity", "a.jsonl", "b.jsonl", "--no-embeddings", "--json", cwd=tmp_path)
     first = json.loads(as_json.stdout.splitlines()[0])
     assert first == div.measure("a.jsonl", ["a b c", "a b d", "x y z", "a b c"]).as_dict()
 
 
-def test_cli_cosine_is_what_a_recomputation_gives(tmp_path, smollm_embedder):
+@pytest.mark.parametrize("choice", [None, "generator"])
+def test_cli_cosine_is_what_a_recomputation_gives(tmp_path, choice, request):
+    embedder = request.getfixturevalue("smollm_embedder" if choice else "minilm_embedder")
     gsm = ["Sara has 3 apples and buys 4 more. How many now?", "A train goes 60 km in 1 hour. How far in 3 hours?", "What is half of 18?"]
     flat = ["Sara has 3 apples and buys 4 more. How many now?", "Sara has 5 apples and buys 2 more. How many now?", "Sara has 3 pears and buys 4 more. How many now?"]
     _write(tmp_path / "gsm.jsonl", [{"question": q, "answer": "1"} for q in gsm])
     _write(tmp_path / "flat.jsonl", [{"question": q, "answer": "1"} for q in flat])
-    result = _cli("diversity", "gsm.jsonl", "flat.jsonl", "--field", "question", "--threads", "2", "--json", cwd=tmp_path)
+    extra = ["--embedder", choice] if choice else []
+    result = _cli("diversity", "gsm.jsonl", "flat.jsonl", "--field", "question", "--threads", "2", "--json", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     for row, texts in zip(rows, (gsm, flat)):
-        e = smollm_embedder.embed(texts)
+        e = embedder.embed(texts)
         expected = np.mean([e[i] @ e[j] for i, j in itertools.combinations(range(3), 2)])
         assert row["cosine"] == pytest.approx(expected, abs=1e-6)
     assert rows[0]["cosine"] < rows[1]["cosine"]  # templated questions are less diverse
@@ -223,3 +238,140 @@ def test_cli_skip_bad_counts_what_it_skipped(tmp_path):
     assert result.returncode == 0
     assert "x.jsonl: skipped 1 bad lines" in result.stderr
     assert json.loads(result.stdout)["samples"] == 2
+
+
+# -- the independent embedder, near duplicates by embedding, --reference ------------------
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    """The CLI in-process; stdout and stderr apart."""
+    result = runner.invoke(app, ["diversity", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_the_table_names_the_embedder_of_either_kind(tmp_path, minilm_embedder):
+    _write(tmp_path / "x.jsonl", [{"text": "Is breakfast included?"}, {"text": "Where is the pool?"}])
+    code, out, err = _invoke(tmp_path / "x.jsonl")
+    assert code == 0, err
+    fingerprint = minilm_embedder.fingerprint
+    assert out.splitlines()[-1] == f"embedder: {describe_embedder(fingerprint)}"
+    assert fingerprint["model"] in out.splitlines()[-1] and fingerprint["backend"] in out.splitlines()[-1]
+    code, out, err = _invoke(tmp_path / "x.jsonl", "--embedder", "generator", "--threads", "2")
+    assert code == 0, err
+    assert out.splitlines()[-1] == "embedder: SmolLM2-135M-Instruct.Q4_1.gguf (llama.cpp embeddings, mean pooling)"
+
+
+def test_cosine_near_duplicates_count_records_close_to_an_earlier_one():
+    e = normalise_rows(np.array([[1, 0, 0], [0, 1, 0], [1, 0.1, 0], [0, 0, 1], [0.2, 1, 0]], dtype=float))
+    # row 2 is cos 0.995 with row 0; row 4 is cos 0.98 with row 1; the first of each pair is not counted.
+    assert div.cosine_near_duplicate_flags(e, 0.95) == [False, False, True, False, True]
+    assert div.cosine_near_duplicate_flags(e, 0.99) == [False, False, True, False, False]
+
+
+def test_near_duplicate_share_by_embedding_on_a_constructed_file(tmp_path, minilm_embedder):
+    distinct = [
+        "What time is check-out tomorrow?",
+        "Could you recommend a good Italian restaurant nearby?",
+        "The air conditioning in room 212 is making a loud noise.",
+        "Heavy snow is expected in Denver overnight.",
+        "This blender crushes ice in seconds but it is very loud.",
+        "Senior backend engineer wanted, fully remote, Python and SQL.",
+    ]
+    copies = [
+        "What time is check-out tomorrow??",  # punctuation only
+        "WHAT TIME IS CHECK-OUT TOMORROW?",  # case only (the embedder is uncased)
+        "Heavy snow is expected in Denver overnight.",  # exact
+    ]
+    records = distinct[:3] + copies[:2] + distinct[3:] + copies[2:]
+    _write(tmp_path / "d.jsonl", [{"text": t} for t in records])
+    code, out, err = _invoke(tmp_path / "d.jsonl", "--json")
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["cosine_near_duplicates"] == pytest.approx(3 / 9)
+    assert row["cosine_near"] == 0.95
+    flags = div.cosine_near_duplicate_flags(minilm_embedder.embed(records))
+    assert flags == [False, False, False, True, True, False, False, False, True]
+    table_row = [line for line in _invoke(tmp_path / "d.jsonl")[1].splitlines() if "cosine >= 0.95" in line]
+    assert len(table_row) == 1 and table_row[0].split()[-2:] == ["33.3", "%"]
+
+
+def _reference_rows(*files, reference):
+    code, out, err = _invoke(*files, "--reference", reference, "--json")
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_reference_similarity_of_a_file_to_itself_is_one_and_beats_another_domain():
+    hotel, weather, jobs = REFERENCE / "hotel.jsonl", REFERENCE / "weather.jsonl", REFERENCE / "jobs.jsonl"
+    to_hotel = _reference_rows(hotel, weather, jobs, reference=hotel)
+    assert to_hotel[0]["reference_similarity"] == pytest.approx(1.0, abs=1e-6)
+    assert to_hotel[0]["reference"] == str(hotel)
+    assert to_hotel[1]["reference_similarity"] < 0.5 and to_hotel[2]["reference_similarity"] < 0.5
+    to_weather = _reference_rows(weather, reference=weather)
+    assert to_weather[0]["reference_similarity"] == pytest.approx(1.0, abs=1e-6)
+    assert to_hotel[1]["reference_similarity"] < to_weather[0]["reference_similarity"] - 0.4
+
+
+def test_noise_scores_low_reference_similarity(tmp_path):
+    rng = random.Random(3)
+    noise = [" ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(12)) for _ in range(25)]
+    _write(tmp_path / "noise.jsonl", [{"text": t} for t in noise])
+    held_out = [  # on task, not in the reference
+        "Excuse me, is there a laundry service, and how long does it take?",
+        "Could we get an extra blanket and two more towels sent to room 318?",
+        "Is it safe to walk to the old town from here at night?",
+        "What time does the restaurant stop serving dinner?",
+        "Can I extend my stay by two nights at the same rate?",
+        "Is there a safe in the room for our passports?",
+    ]
+    _write(tmp_path / "guests.jsonl", [{"text": t} for t in held_out])
+    noise_row, guests_row = _reference_rows(tmp_path / "noise.jsonl", tmp_path / "guests.jsonl", reference=REFERENCE / "hotel.jsonl")
+    # Measured: noise about 0.16, held-out guest questions about 0.35 (MiniLM
+    # puts unrelated sentences near 0.1-0.2 and same-topic ones near 0.3-0.6).
+    assert noise_row["reference_similarity"] < 0.25
+    assert guests_row["reference_similarity"] > noise_row["reference_similarity"] + 0.1
+    code, out, _ = _invoke(tmp_path / "noise.jsonl", "--reference", REFERENCE / "hotel.jsonl")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[-3].startswith("reference similarity (higher = closer to the reference)")
+    assert lines[-2] == f"reference: {REFERENCE / 'hotel.jsonl'} (25 records)"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "reference: no such file: {ref}"),
+        ("empty", "reference: {ref} is empty"),
+        ("directory", "reference: {ref} is a directory, not a JSONL file"),
+        ("binary", "reference: {ref} line 1: not UTF-8 text (--skip-bad skips such lines)"),
+        ("not jsonl", "reference: {ref} line 1: not JSON (Expecting value) (--skip-bad skips such lines)"),
+        ("not objects", "reference: {ref} line 1: not a JSON object (a list) (--skip-bad skips such lines)"),
+        ("no text", "reference: {ref} has no record with text to compare against"),
+        ("no string field", "reference: {ref} line 1: no string field to use as text (name one with --field) (--skip-bad skips such lines)"),
+        ("no embeddings", "--reference needs embeddings; drop --no-embeddings"),
+    ],
+)
+def test_a_bad_reference_is_one_line_and_exit_2(tmp_path, case, message):
+    data = tmp_path / "data.jsonl"
+    _write(data, [{"text": "Is breakfast included?"}, {"text": "Where is the gym?"}])
+    ref = tmp_path / "ref.jsonl"
+    content = {
+        "empty": b"\n \n",
+        "binary": b"\x1f\x8b\x08\x00\xff\xfe binary",
+        "not jsonl": b"question,answer\nhow many?,4\n",
+        "not objects": b'["a", "b"]\n',
+        "no text": b'{"text": ""}\n{"text": "   "}\n',
+        "no string field": b'{"n": 1}\n',
+        "no embeddings": b'{"text": "ok"}\n',
+    }
+    if case == "directory":
+        ref.mkdir()
+    elif case in content:
+        ref.write_bytes(content[case])
+    extra = ["--no-embeddings"] if case == "no embeddings" else []
+    code, out, err = _invoke(data, "--reference", ref, *extra)
+    assert code == 2
+    assert err.strip() == f"error: {message.format(ref=ref)}"
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == ""
