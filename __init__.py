@@ -1,3 +1,3 @@
 """treesynth: the TreeSynth method on a local llama.cpp model, checkpointed in SQLite."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,14 +1,15 @@
 """The paper's baseline: temperature sampling from the root prompt alone.
 
 A baseline store is a normal run store whose config has depth 0 (the root is
-the only node, and a leaf) and ``max_samples`` = N. Its root's leaf plan is
-written here, with the store's baseline mark, in one transaction:
-ceil(N / leaf_samples) leaf calls of ``leaf_samples`` samples, the last one
-the remainder. The TreeSynth driver then synthesises the planned root like any
-leaf (same prompt template with "the whole data space", same sample schema,
-same temperature, one committed transaction per call), so ``export``,
-``status`` and ``diversity`` read it as they read a tree run, and a rerun of
-the same command continues it exactly."""
+the only node, and a leaf) and ``samples`` = ``max_samples`` = N. Its root's
+target of N samples is written here, with the store's baseline mark, in one
+transaction. The TreeSynth driver then synthesises the planned root like any
+leaf, so the baseline differs from the tree run in one thing only, the
+absence of the tree's attributes: the same prompt template (with no
+properties listed), sample schema, temperature, samples per request, dedup
+(the same embedder, threshold and checks, run-wide) and request limit, and
+the same exact count N. ``export``, ``status`` and ``diversity`` read it as
+they read a tree run, and a rerun of the same command continues it exactly."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from treesynth.store.keys import canonical_json, root_key
 
 # Keys of a tree run's config that a baseline copies with --like: everything
 # that decides what one leaf call asks for and how it is sampled.
-LIKE_KEYS = ("description", "sample_schema", "leaf_samples", "seed", "temperature", "top_p", "max_tokens", "call_retries", "prompts", "shuffle_choices")
+LIKE_KEYS = (
+    "description", "sample_schema", "leaf_samples", "samples_per_request", "near_duplicate", "requests_per_sample",
+    "seed", "temperature", "top_p", "max_tokens", "call_retries", "prompts", "shuffle_choices",
+)
 
 
 def baseline_config(task: dict[str, Any], overrides: dict[str, Any], samples: int, source: str = "baseline") -> TaskConfig:
-    return build_config(task, {**overrides, "depth": 0, "max_samples": samples}, source=source)
+    return build_config(task, {**overrides, "depth": 0, "max_samples": samples, "samples": samples}, source=source)
 
 
 def like_task(run_config: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +71,9 @@ def prepare(store: Store, config: TaskConfig) -> bool:
         "path": canonical_json([]),
         "state": "planned",
         "plan": canonical_json(plan),
+        "target": samples,
         "calls_done": 0,
+        "kept": 0,
     }
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with store.transaction():

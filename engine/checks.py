@@ -1,5 +1,12 @@
-"""What a schema cannot check: a criterion's dimension is new on the path,
-its values are distinct, specific and single; coverage values are deduplicated."""
+"""What a schema cannot check.
+
+Criterion answers: the dimension is new on the path and names a real
+property; its values are distinct, specific, single categories. Coverage
+values pass the same value rules, deduplicated. Samples: no template debris,
+no runs of digits and symbols, no talk of the answer format.
+
+Every rule is a pure function of its inputs, part of the content contract
+(engine/contract.py): changing one changes what a run keeps."""
 
 from __future__ import annotations
 
@@ -8,10 +15,30 @@ import string
 from typing import Iterable, Sequence
 
 CATCH_ALL = frozenset(
-    {"other", "others", "misc", "miscellaneous", "general", "na", "none", "unknown", "various", "mixed", "etc"}
+    {"other", "others", "misc", "miscellaneous", "general", "na", "none", "unknown", "various", "mixed", "etc",
+     "any", "all", "default", "generic", "standard", "normal", "regular", "random", "something", "anything"}
 )
-_COMBINED = re.compile(r"/|&|\+|\band\b|\bor\b", re.IGNORECASE)
+# A dimension must name a property, not restate that there is one.
+VAGUE_DIMENSIONS = frozenset(
+    {"type", "types", "kind", "kinds", "category", "categories", "class", "group", "dimension", "attribute",
+     "feature", "aspect", "variable", "property", "option", "thing", "things", "label", "tag"}
+)
+# Words about the answer's format rather than the task's content. A dimension,
+# value or sample that uses one is rejected unless the task itself does.
+FORMAT_WORDS = frozenset(
+    {"json", "sample", "samples", "data", "dataset", "text", "texts", "field", "fields", "value", "values",
+     "dimension", "dimensions", "label", "labels", "example", "examples", "item", "items", "string", "strings",
+     "array", "arrays", "object", "objects", "key", "keys", "list", "format", "index", "placeholder", "schema",
+     "null", "true", "false"}
+)
+# Format words a sample may not use (a subset: "list", "text", "example" are
+# ordinary words inside a product review or a math problem).
+SAMPLE_FORMAT_WORDS = frozenset({"json", "schema", "placeholder", "array", "arrays", "dataset"})
+_COMBINED = re.compile(r"/|&|\+|\band\b|\bor\b|\bvs\b|\bversus\b", re.IGNORECASE)
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+_PLACEHOLDER = re.compile(r"\{[^{}\s]{0,40}\}|\{\{|\}\}|<[a-z_]+>|\$\{|\[[A-Za-z][A-Za-z_ ]{0,30}\]")
+_KEY_VALUE = re.compile(r'"\w+"\s*:')
+_WORD = re.compile(r"[^\W\d_]+|\d+")
 
 
 def normalise(text: str) -> str:
@@ -22,6 +49,125 @@ def normalise(text: str) -> str:
 def clean(text: str) -> str:
     """Display-form of a value: trimmed, single spaces."""
     return " ".join(text.split())
+
+
+def words_of(text: str) -> list[str]:
+    return normalise(text).split()
+
+
+def _extends(shorter: list[str], longer: list[str]) -> bool:
+    return len(shorter) < len(longer) and longer[: len(shorter)] == shorter
+
+
+def value_problem(value: str, dimension: str, task_words: frozenset[str], echo: str) -> str | None:
+    """Why one value (of ``dimension``) is unusable, or None.
+
+    ``task_words``: the words of the task description (a format word the task
+    uses is allowed); ``echo``: the normalised instruction text of the prompt
+    the value answered, so that a value copied from our own wording is caught."""
+    key = normalise(value)
+    if not key:
+        return "empty value"
+    words = key.split()
+    if key in CATCH_ALL or value.strip().lower() in {"n/a", "n.a."}:
+        return f"catch-all value {value!r}"
+    if _COMBINED.search(value):
+        return f"combined value {value!r}"
+    format_words = [w for w in words if w in FORMAT_WORDS and w not in task_words]
+    if format_words:
+        return f"value {value!r} speaks of the format ({format_words[0]})"
+    dimension_words = words_of(dimension)
+    if dimension_words and all(w in words for w in dimension_words):
+        return f"value {value!r} repeats the dimension"
+    echo_words = set(echo.split())
+    if all(w in echo_words and w not in task_words for w in words):
+        return f"value {value!r} echoes the prompt"
+    if not any(c.isalpha() for c in value):
+        return f"value {value!r} is a bare number"
+    return None
+
+
+def dimension_problem(dimension: str, used_dimensions: Sequence[str], task_words: frozenset[str], echo: str) -> str | None:
+    key = normalise(dimension)
+    if not key:
+        return "empty dimension name"
+    words = key.split()
+    if key in {normalise(d) for d in used_dimensions}:
+        return f"dimension {dimension!r} is already used on the path"
+    if key in CATCH_ALL or key in VAGUE_DIMENSIONS:
+        return f"catch-all dimension {dimension!r}"
+    format_words = [w for w in words if w in FORMAT_WORDS and w not in task_words]
+    if format_words:
+        return f"dimension {dimension!r} speaks of the format ({format_words[0]})"
+    echo_words = set(echo.split())
+    if all(w in echo_words and w not in task_words for w in words):
+        return f"dimension {dimension!r} echoes the prompt"
+    return None
+
+
+def values_problem(values: Sequence[str]) -> str | None:
+    """What is wrong with a set of values together: fewer than two distinct,
+    or one value extending another (``json`` / ``json json``)."""
+    distinct = list(dict.fromkeys(normalise(v) for v in values))
+    if len(distinct) < 2:
+        return "fewer than two distinct values"
+    split = [d.split() for d in distinct]
+    for a in split:
+        for b in split:
+            if _extends(a, b):
+                return f"value {' '.join(b)!r} extends {' '.join(a)!r}"
+    return None
+
+
+def criterion_problem(
+    dimension: str, labels: Sequence[str], used_dimensions: Sequence[str],
+    task_words: frozenset[str] = frozenset(), echo: str = "",
+) -> str | None:
+    """Why a criterion answer is unusable, or None if it is usable."""
+    problem = dimension_problem(dimension, used_dimensions, task_words, echo)
+    if problem:
+        return problem
+    for label in labels:
+        problem = value_problem(label, dimension, task_words, echo)
+        if problem:
+            return problem
+    return values_problem(labels)
+
+
+def copied_problem(values: Sequence[str], example_words: frozenset[str], own_words: frozenset[str]) -> str | None:
+    """Half or more of the distinct values made only of words from the
+    prompt's examples (and not from the task or its pivots): a lazy copy."""
+    distinct = list(dict.fromkeys(normalise(v) for v in values))
+    copied = [v for v in distinct if all(w in example_words and w not in own_words for w in v.split())]
+    if distinct and 2 * len(copied) >= len(distinct):
+        return f"values copied from the examples ({', '.join(copied[:3])})"
+    return None
+
+
+def path_value_problem(values: Sequence[str], path: Sequence[Sequence]) -> str | None:
+    """A value that is already a value on the node's path (``food`` under ``product = food``)."""
+    on_path = {normalise(v) for _, value in path for v in (value if isinstance(value, list) else [value])}
+    for value in values:
+        if normalise(value) in on_path:
+            return f"value {value!r} is already on the path"
+    return None
+
+
+def usable_values(existing: Sequence[str], new: Iterable[str], dimension: str, task_words: frozenset[str], echo: str) -> list[str]:
+    """The values of ``new`` that pass the value rules, are not already in
+    ``existing`` (nor repeated) and neither extend nor are extended by a value
+    kept so far; in order, cleaned."""
+    kept = [words_of(v) for v in existing]
+    added = []
+    for value in new:
+        words = words_of(value)
+        if not words or value_problem(value, dimension, task_words, echo):
+            continue
+        if any(words == k or _extends(words, k) or _extends(k, words) for k in kept):
+            continue
+        kept.append(words)
+        added.append(clean(value))
+    return added
 
 
 def dedupe_values(existing: Sequence[str], new: Iterable[str]) -> list[str]:
@@ -36,20 +182,55 @@ def dedupe_values(existing: Sequence[str], new: Iterable[str]) -> list[str]:
     return added
 
 
-def criterion_problem(dimension: str, labels: Sequence[str], used_dimensions: Sequence[str]) -> str | None:
-    """Why a criterion answer is unusable, or None if it is usable."""
-    key = normalise(dimension)
-    if not key:
-        return "empty dimension name"
-    if key in {normalise(d) for d in used_dimensions}:
-        return f"dimension {dimension!r} is already used on the path"
-    for label in labels:
-        if normalise(label) in CATCH_ALL or label.strip().lower() in {"n/a", "n.a."}:
-            return f"catch-all value {label!r}"
-        if _COMBINED.search(label):
-            return f"combined value {label!r}"
-        if not normalise(label):
-            return "empty value"
-    if len({normalise(label) for label in labels}) < 2:
-        return "fewer than two distinct values"
+# A task whose description uses one of these words has samples where braces
+# and "key": pairs are content (code, LaTeX, JSON), not template debris.
+MARKUP_WORDS = frozenset(
+    {"code", "coding", "programming", "program", "programs", "python", "javascript", "java", "typescript", "sql",
+     "latex", "json", "function", "functions", "script", "scripts", "snippet", "snippets", "html", "css", "regex",
+     "yaml", "shell", "bash", "c", "rust", "go"}
+)
+
+
+def markup_task(task_words: frozenset[str]) -> bool:
+    return bool(task_words & MARKUP_WORDS)
+
+
+def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[str] = ()) -> str | None:
+    """Why a sample's text is not data of the task, or None.
+
+    Template debris (``{name}``, ``{{``, ``<name>``, ``[name]``) and JSON talk
+    (``"key":``), unless the task is about code or markup (``MARKUP_WORDS``);
+    a format word such as json that the task does not use; mostly digits and
+    symbols (under half of its non-space characters are letters, a fifth for
+    code and markup tasks); one word
+    repeated (four times in a row, or over 40 % of a text of 8 or more words);
+    a line of the prompt's properties copied out ("Mood: calm" for a path
+    dimension ``mood``)."""
+    if not markup_task(task_words):
+        if _PLACEHOLDER.search(text):
+            return "template placeholder"
+        if _KEY_VALUE.search(text):
+            return "speaks in JSON keys"
+    lowered = text.lower()
+    for dimension in dimensions:
+        if f"{dimension.lower()}:" in lowered:
+            return "repeats the prompt's properties"
+    tokens = _WORD.findall(lowered)
+    spoken = [t for t in tokens if t in SAMPLE_FORMAT_WORDS and t not in task_words]
+    if spoken:
+        return f"speaks of the format ({spoken[0]})"
+    visible = [c for c in text if not c.isspace()]
+    letters_needed = 0.2 if markup_task(task_words) else 0.5  # code and LaTeX are symbol-heavy by nature
+    if not visible or sum(c.isalpha() for c in visible) < letters_needed * len(visible):
+        return "mostly digits or symbols"
+    words = [t for t in tokens if t.isalpha()]
+    run = 1
+    for previous, word in zip(words, words[1:]):
+        run = run + 1 if word == previous else 1
+        if run >= 4:
+            return f"repeats {word!r}"
+    if len(words) >= 8:
+        top = max(words.count(w) for w in set(words))
+        if top > 0.4 * len(words):
+            return "one word makes up most of it"
     return None

@@ -47,7 +47,9 @@ def run(
     leaf_samples: Optional[int] = typer.Option(None, "--leaf-samples", help="Samples per leaf call [10]."),
     max_values: Optional[int] = typer.Option(None, "--max-values", help="Values above which a dimension is infinite [50]."),
     infinite_samples: Optional[int] = typer.Option(None, "--infinite-samples", help="Leaf calls per infinite dimension [3]."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Global sample budget; scales leaf calls."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Exactly this many records after dedup, spread equally over the leaves."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Global sample budget; scales leaf calls (an upper bound)."),
+    samples_per_request: Optional[int] = typer.Option(None, "--samples-per-request", help="Samples one request asks for [1: each sample independent]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed [0]."),
     temperature_pivots: Optional[float] = typer.Option(None, "--temperature-pivots", help="[0.9]"),
     temperature_criterion: Optional[float] = typer.Option(None, "--temperature-criterion", help="[0.5]"),
@@ -73,6 +75,8 @@ def run(
                 "max_values": max_values,
                 "infinite_samples": infinite_samples,
                 "max_samples": max_samples,
+                "samples": samples,
+                "samples_per_request": samples_per_request,
                 "seed": seed,
                 "max_tokens": max_tokens,
                 "temperature.pivots": temperature_pivots,
@@ -85,13 +89,14 @@ def run(
                 err.print(f"warning: {warning}", highlight=False, markup=False)
             if restart and store.exists():
                 _restart(store, yes)
+            embedder = load_embedder()
             the_model = load_model_or_fail(model, threads, n_ctx)
-            db, resumed = open_run_store(store, config, the_model.fingerprint)
+            db, resumed = open_run_store(store, config, the_model.fingerprint, method_of(embedder))
             # Settings that do not change content: recorded per session, free to change between runs.
             session = db.begin_session({"threads": threads, "progress": progress, "argv": sys.argv[1:]}, resumed)
         except USER_ERRORS as error:
             fail(str(error))
-        engine = TreeSynth(config, the_model, db, session)
+        engine = TreeSynth(config, the_model, db, embedder, session)
         live = progress and err.is_terminal
         with Renderer(err, live) as renderer:
             for event in engine.run():
@@ -118,10 +123,29 @@ def run(
     finally:
         if db is not None:
             db.close()
+    for line in finish_lines(last, config.samples):
+        err.print(line, highlight=False, markup=False)
     typer.echo(
-        f"done: {last.samples} samples in {store} ({last.calls_sent} model calls sent, {last.calls_replayed} replayed "
-        f"from the store, {last.wall_seconds:.1f} s)"
+        f"done: {last.samples} samples in {store} ({last.dropped} dropped; {last.calls_sent} model calls sent, "
+        f"{last.calls_replayed} replayed from the store, {last.wall_seconds:.1f} s)"
     )
+
+
+def finish_lines(last, samples: int | None) -> list[str]:
+    """What a finished run must say in plain words beyond the count."""
+    lines = []
+    if last.root_reason:
+        lines.append(
+            f"note: the root could not be split ({last.root_reason}); every sample comes from the whole "
+            "data space, as plain sampling would make them. A larger model (--model) splits more reliably."
+        )
+    wanted = samples if samples is not None else last.wanted
+    if last.samples < wanted:
+        lines.append(
+            f"note: {last.samples} of the {wanted} samples asked for were made: the leaves' answers kept "
+            "repeating earlier samples, and the request limit (--requests-per-sample in a task file) was reached."
+        )
+    return lines
 
 
 # Flags that must not be repeated by the command that continues a run.
@@ -149,19 +173,43 @@ def _restart(path: Path, yes: bool) -> None:
         os.close(fd)
 
 
+def load_embedder():
+    """The independent sentence embedder that judges samples and criteria."""
+    from treesynth.models.minilm import load_minilm
+
+    return load_minilm()
+
+
+def method_of(embedder) -> dict:
+    from treesynth.engine.contract import method
+
+    return method(embedder.fingerprint)
+
+
 def load_model_or_fail(spec, threads, n_ctx):
     from treesynth.models.loader import load_model
 
     return load_model(spec, threads=threads, n_ctx=n_ctx)
 
 
-def open_run_store(path: Path, config: TaskConfig, fingerprint: dict) -> tuple[Store, bool]:
-    """Continue an existing store with the same content config, or create one.
-    Either way the store comes back locked for this process."""
+def open_run_store(path: Path, config: TaskConfig, fingerprint: dict, method: dict) -> tuple[Store, bool]:
+    """Continue an existing store with the same content config, model and
+    method, or create one. Either way the store comes back locked for this process."""
+    from treesynth.engine.contract import changed_parts, method_hash
+
     wanted = {"config": config.model_dump(mode="json"), "model": fingerprint}
     if path.exists():
 
         def refuse(run_row: dict) -> str | None:
+            stored = run_row.get("method")
+            if stored is None or run_row.get("method_hash") != method_hash(method):
+                old = json.loads(stored) if stored else None
+                version = run_row.get("treesynth_version") or "an earlier version"
+                return (
+                    f"{path} was made by treesynth {version} with a different method "
+                    f"(changed: {', '.join(changed_parts(old, method)[:6])}); continuing would mix two methods in "
+                    f"one dataset. Finish it with treesynth {version}, or start a new --store"
+                )
             differing = diff_keys(run_row["config"], wanted["config"]) + [
                 f"model.{k}" for k in diff_keys(run_row["model"], wanted["model"])
             ]
@@ -186,6 +234,8 @@ def open_run_store(path: Path, config: TaskConfig, fingerprint: dict) -> tuple[S
             "model": canonical_json(fingerprint),
             "seed": config.seed,
             "treesynth_version": __version__,
+            "method": canonical_json(method),
+            "method_hash": method_hash(method),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     )

@@ -81,10 +81,25 @@ class TaskConfig(BaseModel):
     )
     depth: int = Field(2, ge=0, le=MAX_DEPTH, description="Maximum tree depth; nodes at this depth are leaves.")
     pivots: int = Field(10, ge=2, le=50, description="Pivot samples drawn per node.")
-    leaf_samples: int = Field(10, ge=1, le=50, description="Samples asked for by one leaf call.")
+    leaf_samples: int = Field(10, ge=1, le=50, description="Samples a leaf makes per leaf call (a leaf makes infinite_samples ** k calls).")
+    samples: int | None = Field(
+        None, ge=1, description="Exactly this many records after dedup, spread equally over the leaves and topped up where a leaf falls short."
+    )
+    samples_per_request: int = Field(
+        1, ge=1, le=50, description="Samples one pivot or leaf request asks for; 1 (the default) makes each sample independent."
+    )
+    criterion_candidates: int = Field(
+        3, ge=1, le=20, description="Usable criterion answers gathered per node before the best is chosen."
+    )
+    near_duplicate: float = Field(
+        0.9, gt=0.0, le=1.0, description="Cosine similarity (sentence embedder) at which a sample is a near duplicate of a kept one."
+    )
+    requests_per_sample: float = Field(
+        2.0, ge=1.0, le=10.0, description="Most leaf requests per wanted sample, top-ups for dropped samples included."
+    )
     max_values: int = Field(50, ge=2, le=1000, description="More values than this make a dimension infinite.")
     infinite_samples: int = Field(3, ge=1, le=20, description="Leaf calls per infinite dimension on the path (calls = this ** k).")
-    criterion_retries: int = Field(5, ge=1, le=20, description="Criterion attempts before a node becomes a leaf.")
+    criterion_retries: int = Field(8, ge=1, le=40, description="Most criterion attempts per node; none usable makes it a leaf.")
     coverage_rounds: int = Field(8, ge=1, le=50, description="Most coverage rounds per dimension.")
     call_retries: int = Field(3, ge=1, le=20, description="Attempts for a pivot or leaf call whose answer cannot be used.")
     max_samples: int | None = Field(None, ge=1, description="Global sample budget; scales leaf calls when given.")
@@ -123,6 +138,12 @@ class TaskConfig(BaseModel):
         return schema
 
     @model_validator(mode="after")
+    def _samples_within_budget(self) -> "TaskConfig":
+        if self.samples is not None and self.max_samples is not None and self.samples > self.max_samples:
+            raise ValueError(f"samples ({self.samples}) is more than max_samples ({self.max_samples})")
+        return self
+
+    @model_validator(mode="after")
     def _shuffle_choices_fit(self, info: ValidationInfo) -> "TaskConfig":
         notes = list(info.context.get("warnings", [])) if isinstance(info.context, dict) else []
         if self.shuffle_choices is not None:
@@ -132,7 +153,7 @@ class TaskConfig(BaseModel):
             if self.leaf_samples % k:
                 notes.append(
                     f"shuffle_choices: leaf_samples {self.leaf_samples} is not a multiple of {k} choices; "
-                    "the correct choice's position is balanced to within one per leaf call"
+                    "the correct choice's position is balanced to within one per leaf"
                 )
         self._warnings = notes
         return self

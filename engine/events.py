@@ -30,6 +30,14 @@ class AnswerRejected:
 
 
 @dataclass(frozen=True)
+class CriterionChosen:
+    node: str
+    dimension: str
+    score: float  # engine/selection.py: label balance + relevance to the task
+    candidates: int  # usable answers it was chosen from
+
+
+@dataclass(frozen=True)
 class NodeSplit:
     node: str
     depth: int
@@ -48,27 +56,38 @@ class NodeBecameLeaf:
 @dataclass(frozen=True)
 class TreeBuilt:
     leaves: int
-    leaf_calls: int
-    planned_samples: int
-    calls_done: int
+    planned_samples: int  # the leaves' targets, summed
+    kept_samples: int  # already in the store
 
 
 @dataclass(frozen=True)
 class LeafCallDone:
     node: str
     call: int
-    samples: int
+    samples: int  # kept
+    dropped: int = 0  # duplicates, debris, an unusable answer
+
+
+@dataclass(frozen=True)
+class TopUp:
+    round: int
+    shortfall: int  # samples still missing from --samples
+    leaves: int  # leaves asked for more
 
 
 @dataclass(frozen=True)
 class RunFinished:
     samples: int
+    wanted: int  # the leaves' targets, summed
+    dropped: int
     calls_sent: int
     calls_replayed: int
     model_seconds: float
     wall_seconds: float
+    root_reason: str | None = None  # why the root could not be split, when it could not
 
 
 Event = (
-    RunStarted | CallFinished | AnswerRejected | NodeSplit | NodeBecameLeaf | TreeBuilt | LeafCallDone | RunFinished
+    RunStarted | CallFinished | AnswerRejected | CriterionChosen | NodeSplit | NodeBecameLeaf | TreeBuilt
+    | LeafCallDone | TopUp | RunFinished
 )

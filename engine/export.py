@@ -43,7 +43,7 @@ def write_jsonl(store: Store, field_order: list[str], out: Path | None, stdout: 
 
 def render_tree(store: Store) -> list[str]:
     """The tree as indented lines: each node's attribute, its state, and sample counts of leaves."""
-    counts = dict(store.db.execute("SELECT leaf, count(*) FROM samples GROUP BY leaf").fetchall())
+    counts = store.leaf_counts()
     lines = []
     for node in store.db.query("SELECT * FROM nodes ORDER BY position"):
         path = json.loads(node["path"])
@@ -56,9 +56,11 @@ def render_tree(store: Store) -> list[str]:
         if node["dimension"] and node["state"] == "split":
             detail = f"split on {node['dimension']!r}" + (" (infinite)" if node["infinite"] else "")
         elif node["state"] in ("leaf", "planned", "done"):
-            plan = json.loads(node["plan"]) if node["plan"] else None
-            calls = f", calls {node['calls_done'] or 0}/{len(plan)}" if plan is not None else ""
-            detail = f"leaf: {counts.get(node['key'], 0)} samples{calls}"
+            kept, dropped = counts.get(node["key"], (0, 0))
+            target = node.get("target")
+            detail = f"leaf: {kept}" + (f"/{target}" if target is not None else "") + " samples"
+            if dropped:
+                detail += f", {dropped} dropped"
             if node["reason"]:
                 detail += f" ({node['reason']})"
         else:
@@ -86,11 +88,20 @@ def status_lines(store: Store) -> list[str]:
         f"max values {config['max_values']}, infinite samples {config['infinite_samples']}, seed {config['seed']}",
         f"nodes:       {sum(states.values())} ({states.get('split', 0)} split, {leaves} leaves, "
         f"{states.get('done', 0)} leaves done)",
-        f"samples:     {counts['samples']}",
+        f"samples:     {counts['samples']}" + (f" of {config['samples']} asked for" if config.get("samples") else ""),
+        f"dropped:     {_dropped_line(store)}",
         f"model calls: {counts['calls']} ({counts['tokens']} tokens, {counts['model_seconds']:.1f} s of model time)",
         f"sessions:    {counts['sessions']}",
         f"finished:    {'yes' if is_finished(states) else 'no'}",
     ]
+
+
+def _dropped_line(store: Store) -> str:
+    reasons = store.dropped_reasons()
+    if not reasons:
+        return "none"
+    total = sum(reasons.values())
+    return f"{total} (" + ", ".join(f"{why}: {n}" for why, n in reasons.items()) + ")"
 
 
 PENDING_STATES = ("open", "pivoted", "criterion", "leaf", "planned")

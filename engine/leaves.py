@@ -4,12 +4,25 @@ samples each call asks for.
 A leaf makes ``infinite_samples ** k`` calls (k: infinite dimensions on its
 path) of ``leaf_samples`` samples each. A ``max_samples`` budget smaller than
 that total scales every leaf down in proportion, by largest remainder with
-ties broken in tree order, so the plan is exact and deterministic."""
+ties broken in tree order, so the plan is exact and deterministic. The sum of
+a leaf's plan is its target; with ``--samples N`` every leaf's target is N
+split equally instead (``equal_targets``).
+
+A leaf reaches its target with leaf requests of ``samples_per_request``
+samples each, every request drawing its infinite values afresh; dropped
+samples (duplicates, debris) are made up by further requests, at most
+``request_limit`` in all. With ``--samples N``, a run still short of N when
+every leaf is done raises the targets of the leaves with the fewest samples
+(``topup_targets``) for up to ``TOPUP_ROUNDS`` rounds."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Sequence
+
+
+TOPUP_ROUNDS = 3
 
 
 def leaf_call_count(infinite_dimensions: int, infinite_samples: int) -> int:
@@ -41,6 +54,35 @@ def _largest_remainder(weights: Sequence[int], budget: int) -> list[int]:
     for i in order[: budget - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+def equal_targets(leaves: int, samples: int) -> list[int]:
+    """``--samples N``: N spread equally over the leaves in tree order, the
+    remainder one each to the first leaves."""
+    if leaves == 0:
+        return []
+    return _largest_remainder([1] * leaves, samples)
+
+
+def request_limit(target: int, samples_per_request: int, requests_per_sample: float) -> int:
+    """The most leaf requests a leaf makes for ``target`` samples: enough for
+    ``requests_per_sample`` times the samples, and always one spare."""
+    if target <= 0:
+        return 0
+    return math.ceil(requests_per_sample * target / samples_per_request) + 1
+
+
+def topup_targets(kept: Sequence[int], targets: Sequence[int], shortfall: int) -> list[int]:
+    """New targets that ask for ``shortfall`` more samples: one more at a
+    time to the leaf with the fewest kept samples (then the smallest target,
+    then tree order), so the dataset stays as even as the leaves allow."""
+    targets = list(targets)
+    order = sorted(range(len(targets)), key=lambda i: (kept[i], targets[i], i))
+    if not order:
+        return targets
+    for step in range(shortfall):
+        targets[order[step % len(order)]] += 1
+    return targets
 
 
 def draw_attributes(path: Sequence[Sequence[Any]], seed: int) -> list[tuple[str, str]]:

@@ -19,58 +19,115 @@ from typing import Any, Sequence
 from treesynth.engine.config import ConfigError
 from treesynth.engine.schemas import COVERAGE_MAX_NEW
 
-SYSTEM = "You are a careful data designer. You answer only with JSON."
+# Prompts speak only of content. The grammar carries the answer's format, so
+# nothing here mentions JSON, arrays, objects or fields: a 135M model told
+# "answer only with JSON" writes samples about JSON (measured: 19-40 % of the
+# records of version 1462ec0 did).
+SYSTEM = "You are a helpful assistant."
 
-PIVOTS = """Task: {description}
+PIVOTS = """Write {examples} of the following: {description}
+{subspace}{fields}"""
+
+# The criterion is asked as a few-shot conversation: a 135M model told to
+# "name a dimension and label each sample" answered with echoes of the prompt
+# ("three", "relation" = 1..5); shown two sorted sets from other domains, it
+# answers in kind ("mood": disappointed, excited, ...). Each attempt takes two
+# other shots (``criterion_shots``), skipping facets already used on the path,
+# so the attempts propose different dimensions and the best is kept.
+CRITERION = """Sort these {description} into groups.{used_dimensions}
 {subspace}
-Write {n} varied samples of this data, as different from each other as possible while staying inside the subspace.
-Each sample is a JSON object with these fields: {fields}.
-Answer with a JSON array of exactly {n} samples."""
+{numbered_pivots}"""
 
-CRITERION = """Task: {description}
-{subspace}
-Here are {n} samples of this subspace:
-{numbered_pivots}
+CRITERION_SHOTS: tuple[tuple[str, tuple[str, ...], str, tuple[str, ...]], ...] = (
+    ("news headlines", ("Storm closes schools across the county", "Local team wins the state championship",
+                        "New bakery opens on Main Street", "Heat wave expected this weekend"),
+     "topic", ("weather", "sports", "business", "weather")),
+    ("text messages between friends", ("Can't wait to see you tonight!!", "Ugh, my train is late again",
+                                       "Thanks so much for the birthday gift", "Did you finish the homework?"),
+     "mood", ("excited", "annoyed", "grateful", "curious")),
+    ("travel blog posts", ("We spent three lazy days on the white sand of Koh Lanta.",
+                           "The climb to the hut took six hours through snow.",
+                           "Tokyo at night is a maze of neon and ramen shops.",
+                           "Our cottage looked over sheep fields and a stone wall."),
+     "setting", ("beach", "mountains", "city", "countryside")),
+    ("workout instructions", ("Walk briskly for ten minutes, then stretch.", "Do five sets of ten pistol squats on each leg.",
+                              "Hold a plank for thirty seconds.", "Run 400 m intervals at race pace with 60 s rest."),
+     "difficulty", ("beginner", "advanced", "beginner", "advanced")),
+    ("work emails", ("Hi Sam, can you send me the slides before our one-on-one?",
+                     "Dear Ms. Ortiz, please find the signed contract attached.",
+                     "Team, the office is closed on Friday.", "Dear customer, your order has shipped."),
+     "audience", ("manager", "client", "coworkers", "customer")),
+    ("recipes", ("Overnight oats with berries and honey", "Slow-cooked beef stew with root vegetables",
+                 "Lemon tart with a buttery crust", "Chickpea salad wraps for the office"),
+     "meal", ("breakfast", "dinner", "dessert", "lunch")),
+)
 
-Dimensions already used: {used_dimensions}.
-Name ONE new dimension along which these samples differ, one that splits this data space into clear, non-overlapping categories.
-Then give each of the {n} samples, in order, its value on that dimension: a short, specific category name.
-Never use catch-all values such as "other" or "general", and never combine two values with "/" or "and".
-Answer as JSON: {{"dimension": "...", "labels": [{n} values, one per sample]}}."""
 
-COVERAGE = """Task: {description}
-{subspace}
-Dimension: {dimension}
-Values so far: {values}.
-Are values of this dimension missing from the list? Answer as JSON with "status" and "new_values":
-- "complete": the list is finished by your new values (give them, up to {max_new});
-- "infinite": this dimension has too many values to list; give up to {max_new} new ones;
-- "null": the list already covers the dimension (give no new values)."""
+def criterion_shots(attempt: int, used_dimensions: Sequence[str]) -> list[tuple]:
+    """The two shots of a criterion attempt: consecutive in the bank from
+    2 * attempt, without the facets already used on the path."""
+    used = {d.lower() for d in used_dimensions}
+    bank = [shot for shot in CRITERION_SHOTS if shot[2] not in used] or list(CRITERION_SHOTS)
+    start = (2 * attempt) % len(bank)
+    return [bank[start], bank[(start + 1) % len(bank)]]
 
-LEAF = """Task: {description}
-{subspace}
-Write {n} new, varied samples of this data. Every sample must satisfy every constraint above.
-Each sample is a JSON object with these fields: {fields}.
-Answer with a JSON array of exactly {n} samples."""
+
+def shot_words() -> frozenset[str]:
+    """Every word of the shots' labels: values a lazy answer copies."""
+    from treesynth.engine.checks import words_of
+
+    labels = [label for shot in CRITERION_SHOTS for label in shot[3]]
+    labels += [value for shot in COVERAGE_SHOTS for value in shot[2] + shot[4]]
+    return frozenset(w for label in labels for w in words_of(label))
+
+
+# Coverage is few-shot too: two shots whose answers show each status.
+COVERAGE = """We sort {description} by {dimension}. The {dimension} groups so far: {values}. Which are missing?
+{subspace}"""
+
+COVERAGE_SHOTS: tuple[tuple[str, str, tuple[str, ...], str, tuple[str, ...]], ...] = (
+    ("news headlines", "topic", ("weather", "sports", "business"), "complete", ("politics", "science", "health", "crime")),
+    ("text messages between friends", "mood", ("excited", "annoyed", "grateful"), "infinite", ("sad", "proud", "nervous", "bored", "hopeful")),
+    ("travel blog posts", "setting", ("beach", "mountains", "city", "countryside"), "complete", ("desert", "lake", "island")),
+    ("workout instructions", "difficulty", ("beginner", "intermediate", "advanced"), "null", ()),
+)
+
+
+def coverage_shots(round_: int) -> list[tuple]:
+    start = (2 * round_) % len(COVERAGE_SHOTS)
+    return [COVERAGE_SHOTS[start], COVERAGE_SHOTS[(start + 1) % len(COVERAGE_SHOTS)]]
+
+
+def coverage_shot_words(round_: int, dimension: str) -> frozenset[str]:
+    """The words of a coverage round's shots about other dimensions than ``dimension``."""
+    from treesynth.engine.checks import normalise, words_of
+
+    values = [v for shot in coverage_shots(round_) if shot[1] != normalise(dimension) for v in shot[2] + shot[4]]
+    return frozenset(w for v in values for w in words_of(v))
+
+
+LEAF = """Write {examples} of the following: {description}
+{subspace}{fields}"""
 
 TEMPLATES = {"pivots": PIVOTS, "criterion": CRITERION, "coverage": COVERAGE, "leaf": LEAF}
 
 # The placeholders each step's template may use, with what they hold.
 _TASK = {
     "description": "the task's description (the data space, in one sentence)",
-    "subspace": "the node's subspace: its path's (dimension, value) pairs as a list, or 'the whole data space'",
+    "subspace": "the node's subspace: its path's (dimension, value) pairs as lines 'dimension: value', or nothing at the root",
 }
 _SAMPLES = {
-    "n": "how many samples to write (the answer's schema asks for exactly this many)",
-    "fields": "the sample fields with their descriptions, from the sample schema",
+    "n": "how many samples one request asks for (1 by default; the grammar asks for exactly this many)",
+    "examples": "'one example', or 'N different examples' when a request asks for N",
+    "fields": "what each sample holds, in words (empty when the sample is one text)",
 }
 PLACEHOLDERS: dict[str, dict[str, str]] = {
     "pivots": {**_TASK, **_SAMPLES},
     "criterion": {
         **_TASK,
         "n": "how many pivot samples there are",
-        "numbered_pivots": "the pivot samples as JSON, one per line, numbered from 1",
-        "used_dimensions": "the dimensions already used on the path, comma-separated, or 'none'",
+        "numbered_pivots": "the pivot samples as plain text, one per line after '- '",
+        "used_dimensions": "' Do not sort them by a or b.' naming the dimensions already used on the path, or nothing",
     },
     "coverage": {
         **_TASK,
@@ -89,6 +146,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "leaf": ("subspace",),
 }
 _EXAMPLE_VALUES = {"n": 3, "max_new": COVERAGE_MAX_NEW}
+PIVOT_MAX_CHARS = 300  # a pivot shown to the criterion step is cut to this many characters
 
 
 def _placeholders(template: str) -> list[str]:
@@ -132,49 +190,100 @@ def placeholder_help() -> str:
 
 
 def render_subspace(attributes: Sequence[tuple[str, str]]) -> str:
-    if not attributes:
-        return "Subspace: the whole data space."
-    lines = "\n".join(f"- {dimension}: {value}" for dimension, value in attributes)
-    return "Subspace constraints (all must hold):\n" + lines
+    """The path as lines the model reads as properties; nothing at the root."""
+    return "\n".join(f"{dimension[:1].upper()}{dimension[1:]}: {value}" for dimension, value in attributes)
 
 
 def describe_fields(sample_schema: dict[str, Any]) -> str:
+    """What a sample holds, in words: nothing for a sample of one text field;
+    otherwise 'Give its question (...), then its answer (...).'"""
+    properties = sample_schema["properties"]
+    if len(properties) == 1:
+        return ""
     parts = []
-    for name, prop in sample_schema["properties"].items():
-        hint = prop.get("description") or prop.get("type", "value")
-        parts.append(f'"{name}" ({hint})')
-    return ", ".join(parts)
+    for name, prop in properties.items():
+        words = name.replace("_", " ")
+        hint = prop.get("description")
+        parts.append(f"its {words} ({hint})" if hint else f"its {words}")
+    return "\nGive " + ", then ".join(parts) + "."
+
+
+def examples_phrase(n: int) -> str:
+    return "one example" if n == 1 else f"{n} different examples"
+
+
+def pivot_text(sample: dict[str, Any]) -> str:
+    """A pivot as the criterion step shows it: its string fields' text, joined, cut."""
+    parts = [v for v in sample.values() if isinstance(v, str)] or [json.dumps(sample, ensure_ascii=False)]
+    text = " / ".join(" ".join(p.split()) for p in parts)
+    return text if len(text) <= PIVOT_MAX_CHARS else text[: PIVOT_MAX_CHARS - 3] + "..."
 
 
 def _messages(user: str) -> tuple[tuple[str, str], ...]:
     return (("system", SYSTEM), ("user", user))
 
 
-def pivots_messages(description, attributes, sample_schema, n, template: str | None = None):
+def _tidy(text: str) -> str:
+    # An empty placeholder (the root's subspace, a one-field schema) leaves no blank line behind.
+    return "\n".join(line.rstrip() for line in text.split("\n") if line.strip())
+
+
+def _inline(description: str) -> str:
+    """The description inside a sentence: 'Short reviews' -> 'short reviews', 'GSM8K-style' stays."""
+    return description[:1].lower() + description[1:] if description[1:2].islower() else description
+
+
+def _sample_prompt(template: str, description, attributes, sample_schema, n) -> tuple[tuple[str, str], ...]:
     return _messages(
-        (template or PIVOTS).format(
-            description=description, subspace=render_subspace(attributes), n=n, fields=describe_fields(sample_schema)
+        _tidy(
+            template.format(
+                description=description,
+                subspace=render_subspace(attributes),
+                n=n,
+                examples=examples_phrase(n),
+                fields=describe_fields(sample_schema),
+            )
         )
     )
 
 
-def criterion_messages(description, attributes, pivots: Sequence[dict], used_dimensions: Sequence[str], template: str | None = None):
-    numbered = "\n".join(f"{i}. {json.dumps(p, ensure_ascii=False)}" for i, p in enumerate(pivots, 1))
-    return _messages(
-        (template or CRITERION).format(
-            description=description,
+def pivots_messages(description, attributes, sample_schema, n, template: str | None = None):
+    return _sample_prompt(template or PIVOTS, description, attributes, sample_schema, n)
+
+
+def _criterion_turn(template: str, description: str, attributes, pivots: Sequence[str], used_dimensions: Sequence[str]) -> str:
+    used = f" Do not sort them by {' or '.join(used_dimensions)}." if used_dimensions else ""
+    return _tidy(
+        template.format(
+            description=_inline(description),
             subspace=render_subspace(attributes),
             n=len(pivots),
-            numbered_pivots=numbered,
-            used_dimensions=", ".join(used_dimensions) if used_dimensions else "none",
+            numbered_pivots="\n".join(f"- {p}" for p in pivots),
+            used_dimensions=used,
         )
     )
 
 
-def coverage_messages(description, attributes, dimension: str, values: Sequence[str], template: str | None = None):
-    return _messages(
-        (template or COVERAGE).format(
-            description=description,
+def criterion_messages(
+    description, attributes, pivots: Sequence[dict], used_dimensions: Sequence[str], template: str | None = None, attempt: int = 0
+):
+    """A few-shot conversation: two shots (``criterion_shots``), each a user
+    turn rendered with the same template and the answer the grammar would
+    give, then the node's own pivots."""
+    template = template or CRITERION
+    messages: list[tuple[str, str]] = [("system", SYSTEM)]
+    for shot_description, shot_pivots, dimension, labels in criterion_shots(attempt, used_dimensions):
+        messages.append(("user", _criterion_turn(template, shot_description, [], shot_pivots, [])))
+        messages.append(("assistant", json.dumps({"dimension": dimension, "labels": list(labels)}, separators=(",", ":"))))
+    texts = [pivot_text(p) for p in pivots]
+    messages.append(("user", _criterion_turn(template, description, attributes, texts, used_dimensions)))
+    return tuple(messages)
+
+
+def _coverage_turn(template: str, description: str, attributes, dimension: str, values: Sequence[str]) -> str:
+    return _tidy(
+        template.format(
+            description=_inline(description),
             subspace=render_subspace(attributes),
             dimension=dimension,
             values=", ".join(values),
@@ -183,9 +292,24 @@ def coverage_messages(description, attributes, dimension: str, values: Sequence[
     )
 
 
+def coverage_messages(description, attributes, dimension: str, values: Sequence[str], template: str | None = None, round_: int = 0):
+    template = template or COVERAGE
+    messages: list[tuple[str, str]] = [("system", SYSTEM)]
+    for shot_description, shot_dimension, shot_values, status, new in coverage_shots(round_):
+        messages.append(("user", _coverage_turn(template, shot_description, [], shot_dimension, shot_values)))
+        messages.append(("assistant", json.dumps({"status": status, "new_values": list(new)}, separators=(",", ":"))))
+    messages.append(("user", _coverage_turn(template, description, attributes, dimension, values)))
+    return tuple(messages)
+
+
 def leaf_messages(description, attributes, sample_schema, n, template: str | None = None):
-    return _messages(
-        (template or LEAF).format(
-            description=description, subspace=render_subspace(attributes), n=n, fields=describe_fields(sample_schema)
-        )
-    )
+    return _sample_prompt(template or LEAF, description, attributes, sample_schema, n)
+
+
+def instruction_text(step: str, template: str | None = None) -> str:
+    """The normalised words of a step's template without its placeholders:
+    what a value copied from our own wording would match (checks.value_problem)."""
+    from treesynth.engine.checks import normalise
+
+    source = template or TEMPLATES[step]
+    return normalise(" ".join(literal for literal, _, _, _ in Formatter().parse(source)))

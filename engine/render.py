@@ -19,6 +19,7 @@ class Renderer:
         self.nodes_split = 0
         self.leaves = 0
         self.samples = 0
+        self.dropped = 0
         self.started = time.perf_counter()
         self.progress = Progress(
             SpinnerColumn(),
@@ -43,7 +44,7 @@ class Renderer:
 
     def _info(self) -> str:
         rate = self.tokens / self.model_seconds if self.model_seconds else 0.0
-        return f"split {self.nodes_split} · leaves {self.leaves} · samples {self.samples} · {rate:.0f} tok/s"
+        return f"split {self.nodes_split} · leaves {self.leaves} · samples {self.samples} (dropped {self.dropped}) · {rate:.0f} tok/s"
 
     def log(self, message: str) -> None:
         if not self.live:
@@ -67,13 +68,19 @@ class Renderer:
                 self.leaves += 1
                 if reason:
                     self.log(f"node became a leaf: {reason}")
-            case ev.TreeBuilt(leaves=leaves, leaf_calls=calls, planned_samples=planned, calls_done=done):
+            case ev.CriterionChosen(node=node, dimension=dimension, score=score, candidates=candidates):
+                self.log(f"criterion for node {node[5:13]}: {dimension!r} (score {score:.2f}, best of {candidates})")
+            case ev.TreeBuilt(leaves=leaves, planned_samples=planned, kept_samples=kept):
                 self.leaves = leaves
-                self.log(f"tree built: {leaves} leaves, {calls} leaf calls ({done} done), {planned} samples planned")
-                self.progress.update(self.task, description="leaf synthesis", total=calls, completed=done)
-            case ev.LeafCallDone(samples=n):
+                self.samples = kept
+                self.log(f"tree built: {leaves} leaves, {planned} samples planned ({kept} made)")
+                self.progress.update(self.task, description="leaf synthesis", total=planned, completed=kept)
+            case ev.LeafCallDone(samples=n, dropped=dropped):
                 self.samples += n
-                self.progress.advance(self.task)
+                self.dropped += dropped
+                self.progress.advance(self.task, n)
+            case ev.TopUp(round=round_, shortfall=shortfall, leaves=leaves):
+                self.log(f"top-up {round_}: {shortfall} samples short; asking {leaves} leaves for more")
             case _:
                 pass
         self.progress.update(self.task, info=self._info())

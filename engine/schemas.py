@@ -1,22 +1,41 @@
 """Output schemas of every step, in one place. Every string and array is
-bounded: unbounded schemas let a small model loop until max_tokens."""
+bounded: unbounded schemas let a small model loop until max_tokens.
+
+Dimensions and values are short word phrases by grammar, not by hope: one to
+four words of letters, digits, hyphens and apostrophes, single spaces between
+them, no dots, brackets, slashes, quotes or braces. A dimension starts with a
+letter. A 135M model left free wrote dimensions such as ``[1],`` and values
+such as ``json.JSON`` or ``{{value}}}``; under this pattern it cannot."""
 
 from __future__ import annotations
 
 from typing import Any
 
-VALUE_MAX_CHARS = 60
+WORD = r"[A-Za-z0-9][A-Za-z0-9'-]{0,19}"
+VALUE_PATTERN = rf"^{WORD}( {WORD}){{0,3}}$"
+DIMENSION_PATTERN = rf"^[A-Za-z][A-Za-z0-9'-]{{0,19}}( {WORD}){{0,3}}$"
+PHRASE_MAX_CHARS = 83  # four words of 20 characters and three spaces: what the patterns admit
 COVERAGE_MAX_NEW = 10
 COVERAGE_STATUSES = ("complete", "infinite", "null")
 
 
-def _short_string() -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": VALUE_MAX_CHARS}
+def value_schema() -> dict[str, Any]:
+    return {"type": "string", "pattern": VALUE_PATTERN}
+
+
+def dimension_schema() -> dict[str, Any]:
+    return {"type": "string", "pattern": DIMENSION_PATTERN}
 
 
 def samples_schema(sample_schema: dict[str, Any], n: int) -> dict[str, Any]:
-    """Pivot samples and leaf samples: a JSON array of exactly n samples."""
+    """Several samples in one answer: a JSON array of exactly n samples."""
     return {"type": "array", "items": sample_schema, "minItems": n, "maxItems": n}
+
+
+def request_schema(sample_schema: dict[str, Any], n: int) -> dict[str, Any]:
+    """What one pivot or leaf request answers: the sample itself when it asks
+    for one (the default), an array of n samples otherwise."""
+    return sample_schema if n == 1 else samples_schema(sample_schema, n)
 
 
 def criterion_schema(n: int) -> dict[str, Any]:
@@ -26,8 +45,8 @@ def criterion_schema(n: int) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
-            "dimension": _short_string(),
-            "labels": {"type": "array", "items": _short_string(), "minItems": n, "maxItems": n},
+            "dimension": dimension_schema(),
+            "labels": {"type": "array", "items": value_schema(), "minItems": n, "maxItems": n},
         },
         "required": ["dimension", "labels"],
         "additionalProperties": False,
@@ -39,7 +58,7 @@ def coverage_schema() -> dict[str, Any]:
         "type": "object",
         "properties": {
             "status": {"type": "string", "enum": list(COVERAGE_STATUSES)},
-            "new_values": {"type": "array", "items": _short_string(), "maxItems": COVERAGE_MAX_NEW},
+            "new_values": {"type": "array", "items": value_schema(), "maxItems": COVERAGE_MAX_NEW},
         },
         "required": ["status", "new_values"],
         "additionalProperties": False,

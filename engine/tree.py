@@ -1,39 +1,56 @@
-"""The breadth-first TreeSynth driver over two seams: a model and a store.
+"""The breadth-first TreeSynth driver over three seams: a model, a store and
+an independent sentence embedder.
 
 Level by level, nodes in path order: pivot samples -> criterion
 determination -> subspace coverage -> children; then the leaf plan; then leaf
-synthesis, one committed transaction per leaf call. Every model call is keyed
-by its content and answered from the store's call log when it is there, so a
-rerun after a crash replays finished calls instead of sending them again."""
+synthesis, one committed transaction per leaf request. Every model call is
+keyed by its content and answered from the store's call log when it is there,
+so a rerun after a crash replays finished calls instead of sending them
+again. What the embedder decides (the criterion among candidates, the samples
+kept) is described in engine/selection.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Generator, Iterator
 
 from treesynth.engine import events as ev
 from treesynth.engine import prompts
 from treesynth.engine.calls import answer_call
-from treesynth.engine.checks import clean, criterion_problem, dedupe_values
+from treesynth.engine.checks import clean, copied_problem, criterion_problem, path_value_problem, usable_values, words_of
 from treesynth.engine.config import TaskConfig
-from treesynth.engine.leaves import draw_attributes, infinite_dimensions, plan_leaves
-from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criterion_schema, samples_schema
+from treesynth.engine.leaves import (
+    TOPUP_ROUNDS,
+    draw_attributes,
+    equal_targets,
+    infinite_dimensions,
+    plan_leaves,
+    request_limit,
+    topup_targets,
+)
+from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criterion_schema, request_schema
+from treesynth.engine.selection import SampleFilter, criterion_score, task_words
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, Request, Response
 from treesynth.store import Step, Store
 from treesynth.store.keys import canonical_json, child_key, content_key, derive_seed, root_key
 
 Events = Generator[ev.Event, None, Any]
+LEAF_STATES = ("leaf", "planned", "done")
 
 
 class TreeSynth:
-    def __init__(self, config: TaskConfig, model: Model, store: Store, session: int | None = None):
+    def __init__(self, config: TaskConfig, model: Model, store: Store, embedder, session: int | None = None):
         self.config = config
         self.model = model
         self.store = store
+        self.embedder = embedder
         self.session = session
         self.fingerprint = model.fingerprint
+        self.words = task_words(config.description)
+        self.filter = SampleFilter(embedder, config.near_duplicate, self.words)
         self.calls_sent = 0
         self.calls_replayed = 0
         self.model_seconds = 0.0
@@ -52,21 +69,30 @@ class TreeSynth:
                 yield from self._split(node)
         if self.store.nodes("state = 'leaf'"):
             self._plan()
+        self.filter.load((_text_of(data), vector) for data, vector in self.store.kept_texts())
         leaves = self.store.nodes("state IN ('planned', 'done')")
         yield ev.TreeBuilt(
             leaves=len(leaves),
-            leaf_calls=sum(len(leaf["plan"]) for leaf in leaves),
-            planned_samples=sum(sum(leaf["plan"]) for leaf in leaves),
-            calls_done=sum(leaf["calls_done"] or 0 for leaf in leaves),
+            planned_samples=sum(leaf["target"] or 0 for leaf in leaves),
+            kept_samples=sum(leaf["kept"] or 0 for leaf in leaves),
         )
-        for leaf in self.store.nodes("state = 'planned'"):
-            yield from self._synthesise(leaf)
-        yield ev.RunFinished(
-            samples=self.store.counts()["samples"],
+        yield from self._synthesise_planned()
+        if self.config.samples is not None:
+            yield from self._top_up()
+        yield self._finished(started)
+
+    def _finished(self, started: float) -> ev.RunFinished:
+        root = self.store.nodes("depth = 0")[0]
+        root_reason = root["reason"] if self.config.depth > 0 and root["state"] in LEAF_STATES else None
+        return ev.RunFinished(
+            samples=self.store.sample_count(),
+            wanted=sum(leaf["target"] or 0 for leaf in self.store.nodes("state IN ('planned', 'done')")),
+            dropped=sum(self.store.dropped_reasons().values()),
             calls_sent=self.calls_sent,
             calls_replayed=self.calls_replayed,
             model_seconds=self.model_seconds,
             wall_seconds=time.perf_counter() - started,
+            root_reason=root_reason,
         )
 
     # -- one node --------------------------------------------------------
@@ -80,62 +106,100 @@ class TreeSynth:
             yield from self._coverage(node)
 
     def _pivot_samples(self, node: dict[str, Any]) -> Events:
-        n = self.config.pivots
-        schema = samples_schema(self.config.sample_schema, n)
-        for attempt in range(self.config.call_retries):
-            attributes = self._attributes(node, "pivots", attempt)
-            messages = prompts.pivots_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.pivots)
-            call, response = yield from self._call(node, "pivots", "pivots", attempt, messages, schema, self.config.temperature.pivots)
-            pivots = _parse_samples(response, n)
-            if pivots is not None:
-                update = {"state": "pivoted", "pivots": canonical_json(pivots)}
-                self._commit(Step(call=call, node_updates={node["key"]: update}))
-                return {**node, "state": "pivoted", "pivots": pivots}
-            self._commit(Step(call=call))
-            yield ev.AnswerRejected(node["key"], "pivots", attempt, _unusable(response))
-        return (yield from self._become_leaf(node, f"no usable pivot samples in {self.config.call_retries} attempts"))
+        """``pivots`` samples of the node's subspace, ``samples_per_request``
+        per request, each request its own seed and its own draw of infinite values."""
+        wanted, per_request = self.config.pivots, self.config.samples_per_request
+        pivots: list[dict] = []
+        for index in range(math.ceil(wanted / per_request)):
+            n = min(per_request, wanted - len(pivots))
+            step = f"pivots:{index}"
+            for attempt in range(self.config.call_retries):
+                attributes = self._attributes(node, step, attempt)
+                messages = prompts.pivots_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.pivots)
+                schema = request_schema(self.config.sample_schema, n)
+                call, response = yield from self._call(node, "pivots", step, attempt, messages, schema, self.config.temperature.pivots)
+                self._commit(Step(call=call))
+                samples = _parse_samples(response, n)
+                if samples is not None:
+                    pivots += samples
+                    break
+                yield ev.AnswerRejected(node["key"], step, attempt, _unusable(response))
+            else:
+                return (yield from self._become_leaf(node, f"no usable pivot samples in {self.config.call_retries} attempts"))
+        self._commit(Step(node_updates={node["key"]: {"state": "pivoted", "pivots": canonical_json(pivots)}}))
+        return {**node, "state": "pivoted", "pivots": pivots}
 
     def _criterion(self, node: dict[str, Any]) -> Events:
+        """Gather up to ``criterion_candidates`` usable answers in at most
+        ``criterion_retries`` attempts, then keep the best-scoring one."""
         pivots = node["pivots"]
         used = [dimension for dimension, _ in node["path"]]
         schema = criterion_schema(len(pivots))
+        echo = prompts.instruction_text("criterion", self.config.prompts.criterion)
+        own_words = self.words | frozenset(w for p in pivots for w in words_of(prompts.pivot_text(p)))
+        example_words = prompts.shot_words()
+        candidates: list[tuple[float, int, str, list[str]]] = []
         problem = "no attempt"
         for attempt in range(self.config.criterion_retries):
             attributes = self._attributes(node, "criterion", attempt)
-            messages = prompts.criterion_messages(self.config.description, attributes, pivots, used, self.config.prompts.criterion)
+            messages = prompts.criterion_messages(
+                self.config.description, attributes, pivots, used, self.config.prompts.criterion, attempt
+            )
             call, response = yield from self._call(node, "criterion", "criterion", attempt, messages, schema, self.config.temperature.criterion)
+            self._commit(Step(call=call))
             answer = _parse_json(response)
-            if answer is None or len(answer.get("labels", [])) != len(pivots):
+            if not isinstance(answer, dict) or len(answer.get("labels", [])) != len(pivots):
                 problem = _unusable(response)
             else:
                 dimension, labels = clean(answer["dimension"]), [clean(v) for v in answer["labels"]]
-                problem = criterion_problem(dimension, labels, used)
+                problem = (
+                    criterion_problem(dimension, labels, used, self.words, echo)
+                    or copied_problem(labels, example_words, own_words)
+                    or path_value_problem(labels, node["path"])
+                )
                 if problem is None:
-                    update = {"state": "criterion", "dimension": dimension, "labels": canonical_json(labels)}
-                    self._commit(Step(call=call, node_updates={node["key"]: update}))
-                    return {**node, "state": "criterion", "dimension": dimension, "labels": labels}
-            self._commit(Step(call=call))
+                    score = criterion_score(dimension, labels, self.config.description, self.embedder)
+                    candidates.append((score, attempt, dimension, labels))
+                    if len(candidates) == self.config.criterion_candidates:
+                        break
+                    continue
             yield ev.AnswerRejected(node["key"], "criterion", attempt, problem)
-        return (yield from self._become_leaf(node, f"no usable criterion in {self.config.criterion_retries} attempts; last: {problem}"))
+        if not candidates:
+            return (yield from self._become_leaf(node, f"no usable criterion in {self.config.criterion_retries} attempts; last: {problem}"))
+        score, attempt, dimension, labels = max(candidates, key=lambda c: (c[0], -c[1]))
+        update = {"state": "criterion", "dimension": dimension, "labels": canonical_json(labels)}
+        self._commit(Step(node_updates={node["key"]: update}))
+        yield ev.CriterionChosen(node["key"], dimension, score, len(candidates))
+        return {**node, "state": "criterion", "dimension": dimension, "labels": labels}
 
     def _coverage(self, node: dict[str, Any]) -> Events:
         dimension = node["dimension"]
-        values = dedupe_values([], node["labels"])
+        echo = prompts.instruction_text("coverage", self.config.prompts.coverage)
+        values = usable_values([], node["labels"], dimension, self.words, "")
         schema = coverage_schema()
         call = None
         for round_ in range(self.config.coverage_rounds):
             if call is not None:
                 self._commit(Step(call=call))
             attributes = self._attributes(node, f"coverage:{round_}", 0)
-            messages = prompts.coverage_messages(self.config.description, attributes, dimension, values, self.config.prompts.coverage)
+            messages = prompts.coverage_messages(
+                self.config.description, attributes, dimension, values, self.config.prompts.coverage, round_
+            )
             call, response = yield from self._call(node, "coverage", f"coverage:{round_}", 0, messages, schema, self.config.temperature.coverage)
             answer = _parse_json(response)
-            if answer is None or answer.get("status") not in COVERAGE_STATUSES:
+            if not isinstance(answer, dict) or answer.get("status") not in COVERAGE_STATUSES:
                 yield ev.AnswerRejected(node["key"], f"coverage:{round_}", 0, _unusable(response))
                 break
             if answer["status"] == "null":  # the values so far already cover the dimension
                 break
-            new = dedupe_values(values, answer.get("new_values", []))
+            # A value copied from a shot about another dimension is a lazy copy; one
+            # that belongs to a shot of the same dimension (mood: sad) is not.
+            example_words = prompts.coverage_shot_words(round_, dimension)
+            offered = [
+                v for v in answer.get("new_values", [])
+                if copied_problem([v], example_words, self.words) is None and path_value_problem([v], node["path"]) is None
+            ]
+            new = usable_values(values, offered, dimension, self.words, echo)
             values += new
             if answer["status"] == "complete" or not new or len(values) > self.config.max_values:
                 break
@@ -161,6 +225,7 @@ class TreeSynth:
     # -- leaves ------------------------------------------------------------
 
     def _plan(self) -> None:
+        """Each leaf's target: its plan's sum, or an equal share of --samples."""
         leaves = self.store.nodes("state IN ('leaf', 'planned', 'done')")
         leaves.sort(key=lambda n: n["position"])
         plans = plan_leaves(
@@ -169,38 +234,87 @@ class TreeSynth:
             self.config.infinite_samples,
             self.config.max_samples,
         )
+        if self.config.samples is not None:
+            targets = equal_targets(len(leaves), self.config.samples)
+        else:
+            targets = [sum(plan) for plan in plans]
         updates = {
-            leaf["key"]: {"state": "planned" if plan else "done", "plan": canonical_json(plan), "calls_done": 0}
-            for leaf, plan in zip(leaves, plans)
+            leaf["key"]: {
+                "state": "planned" if target else "done",
+                "plan": canonical_json(plan),
+                "target": target,
+                "calls_done": 0,
+                "kept": 0,
+            }
+            for leaf, plan, target in zip(leaves, plans, targets)
             if leaf["state"] == "leaf"
         }
         self._commit(Step(node_updates=updates))
 
+    def _synthesise_planned(self) -> Events:
+        for leaf in self.store.nodes("state = 'planned'"):
+            yield from self._synthesise(leaf)
+
+    def _top_up(self) -> Events:
+        """--samples N: while the run holds fewer than N samples, raise the
+        targets of the leaves with the fewest (``topup_targets``), at most
+        TOPUP_ROUNDS times; the round count is committed with the targets."""
+        run = self.store.run()
+        rounds = run.get("topup_rounds") or 0
+        while rounds < TOPUP_ROUNDS:
+            shortfall = self.config.samples - self.store.sample_count()
+            if shortfall <= 0:
+                return
+            leaves = sorted(self.store.nodes("state = 'done'"), key=lambda n: n["position"])
+            if not leaves:
+                return
+            targets = topup_targets([leaf["kept"] or 0 for leaf in leaves], [leaf["target"] or 0 for leaf in leaves], shortfall)
+            rounds += 1
+            updates = {
+                leaf["key"]: {"target": target, "state": "planned"}
+                for leaf, target in zip(leaves, targets)
+                if target != (leaf["target"] or 0)
+            }
+            self._commit(Step(node_updates=updates, run_updates={"topup_rounds": rounds}))
+            yield ev.TopUp(rounds, shortfall, len(updates))
+            yield from self._synthesise_planned()
+
     def _synthesise(self, leaf: dict[str, Any]) -> Events:
-        plan = leaf["plan"]
-        for index in range(leaf["calls_done"] or 0, len(plan)):
-            n = plan[index]
+        """Leaf requests until the leaf keeps its target or reaches its request limit."""
+        target, kept, index = leaf["target"] or 0, leaf["kept"] or 0, leaf["calls_done"] or 0
+        per_request = self.config.samples_per_request
+        limit = request_limit(target, per_request, self.config.requests_per_sample)
+        if not (kept < target and index < limit):  # a leaf whose target was already met
+            self._commit(Step(node_updates={leaf["key"]: {"state": "done"}}))
+        while kept < target and index < limit:
+            n = min(per_request, target - kept)
             step = f"leaf:{index}"
             attributes = draw_attributes(leaf["path"], derive_seed(self.config.seed, leaf["key"], step, 0))
             messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.leaf)
-            schema = samples_schema(self.config.sample_schema, n)
-            update = {"calls_done": index + 1, "state": "done" if index + 1 == len(plan) else "planned"}
-            for attempt in range(self.config.call_retries):
-                call, response = yield from self._call(leaf, "leaf", step, attempt, messages, schema, self.config.temperature.leaf)
-                samples = _parse_samples(response, n)
-                if samples is not None:
-                    rows = [self._sample_row(leaf, index, i, s, attributes) for i, s in enumerate(samples)]
-                    self._commit(Step(call=call, samples=rows, node_updates={leaf["key"]: update}))
-                    yield ev.LeafCallDone(leaf["key"], index, len(rows))
-                    break
-                self._commit(Step(call=call))
-                yield ev.AnswerRejected(leaf["key"], step, attempt, _unusable(response))
+            schema = request_schema(self.config.sample_schema, n)
+            call, response = yield from self._call(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf)
+            samples = _parse_samples(response, n)
+            rows, dropped = [], []
+            if samples is None:
+                dropped.append(self._dropped_row(leaf, index, 0, response.text, _unusable(response)))
             else:
-                self._commit(Step(node_updates={leaf["key"]: update}))
-                yield ev.LeafCallDone(leaf["key"], index, 0)
+                dimensions = [dimension for dimension, _ in attributes]
+                for i, (sample, verdict) in enumerate(zip(samples, self.filter.judge(samples, dimensions))):
+                    if verdict.keep:
+                        rows.append(self._sample_row(leaf, index, i, kept + len(rows), sample, attributes, verdict.vector))
+                    else:
+                        dropped.append(self._dropped_row(leaf, index, i, canonical_json(sample), verdict.reason))
+            kept += len(rows)
+            index += 1
+            finished = kept >= target or index >= limit
+            update = {"calls_done": index, "kept": kept, "state": "done" if finished else "planned"}
+            self._commit(Step(call=call, samples=rows, dropped=dropped, node_updates={leaf["key"]: update}))
+            yield ev.LeafCallDone(leaf["key"], index - 1, len(rows), len(dropped))
 
-    def _sample_row(self, leaf, call: int, index: int, sample: dict, attributes) -> dict[str, Any]:
-        sample = finish_sample(self.config, sample, leaf["key"], call, index)
+    def _sample_row(self, leaf, call: int, index: int, ordinal: int, sample: dict, attributes, vector) -> dict[str, Any]:
+        # The choice shuffle is placed by the sample's ordinal among the
+        # leaf's kept samples, so every leaf is balanced however many were dropped.
+        sample = finish_sample(self.config, sample, leaf["key"], 0, ordinal)
         return {
             "leaf": leaf["key"],
             "call": call,
@@ -209,7 +323,12 @@ class TreeSynth:
             "data": canonical_json(sample),
             "attributes": canonical_json(dict(attributes)),
             "hash": content_key(sample),
+            "vector": vector.tobytes(),
         }
+
+    @staticmethod
+    def _dropped_row(leaf, call: int, index: int, data: str, reason: str) -> dict[str, Any]:
+        return {"leaf": leaf["key"], "call": call, "idx": index, "data": data, "reason": reason}
 
     # -- helpers -------------------------------------------------------------
 
@@ -257,6 +376,12 @@ class TreeSynth:
         self.store.commit(step, self.session)
 
 
+def _text_of(data: str) -> str:
+    from treesynth.engine.selection import sample_text
+
+    return sample_text(json.loads(data))
+
+
 def _parse_json(response: Response) -> Any:
     try:
         return json.loads(response.text)
@@ -265,7 +390,9 @@ def _parse_json(response: Response) -> Any:
 
 
 def _parse_samples(response: Response, n: int) -> list[dict] | None:
-    samples = _parse_json(response)
+    """The samples of an answer: one object when a request asks for one, an array of n otherwise."""
+    answer = _parse_json(response)
+    samples = [answer] if n == 1 and isinstance(answer, dict) else answer
     if not isinstance(samples, list) or len(samples) != n or not all(isinstance(s, dict) and s for s in samples):
         return None
     return samples

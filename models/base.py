@@ -13,6 +13,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence
 
 
+# A request's ``schema`` is a JSON schema, or ``{TEXT_PATTERN: regex}``: a
+# plain-text answer (not JSON) that must match the regex in full. Small models
+# list things far better in the numbered lines they were trained on than
+# inside a JSON array.
+TEXT_PATTERN = "x-text-pattern"
+
+
 class ModelError(RuntimeError):
     """The model cannot be loaded or used; the CLI prints it as one line."""
 

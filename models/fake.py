@@ -71,6 +71,9 @@ def instance(schema: dict[str, Any], rng: random.Random) -> Any:
         return round(rng.uniform(schema.get("minimum", 0), schema.get("maximum", 100)), 3)
     if kind == "boolean":
         return rng.random() < 0.5
+    if kind == "string" and "pattern" in schema:
+        # The engine's patterns are short word phrases (engine/schemas.py): one or two words fit both.
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 2)))
     if kind == "string":
         text = f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randrange(1000)}"
         text = text.ljust(schema.get("minLength", 0), "x")

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import xxhash
 
-from treesynth.models.base import ModelError, Request, Response
+from treesynth.models.base import TEXT_PATTERN, ModelError, Request, Response
 from treesynth.store.keys import canonical_json
 
 GGUF_MAGIC = b"GGUF"
@@ -175,9 +175,12 @@ class LlamaCppModel:
             import llguidance
 
             backend = self.guidance()
-            # Compact JSON: a small model otherwise spends its tokens on whitespace.
-            compact = {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}}
-            processor = backend.get_json_schema_logits_processor(json.dumps(compact))
+            if TEXT_PATTERN in schema:  # a plain-text answer that matches a regex (models/base.py)
+                processor = backend.get_regex_logits_processor(schema[TEXT_PATTERN])
+            else:
+                # Compact JSON: a small model otherwise spends its tokens on whitespace.
+                compact = {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}}
+                processor = backend.get_json_schema_logits_processor(json.dumps(compact))
             matcher = llguidance.LLMatcher(backend.llg_tokenizer, processor.grammar)
             if matcher.is_error():
                 raise ModelError(f"schema could not be compiled: {matcher.get_error()}")

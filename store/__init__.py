@@ -77,6 +77,8 @@ class Step:
     node_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     new_nodes: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    run_updates: dict[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -217,6 +219,10 @@ class Store:
                 self.db["nodes"].update(key, fields)
             if step.samples:
                 self.db["samples"].insert_all(step.samples, ignore=True)
+            if step.dropped:
+                self.db["dropped"].insert_all(step.dropped, ignore=True)
+            if step.run_updates:
+                self.db["runs"].update(1, step.run_updates)
             self._commits += 1
             if self._commits == self._kill_in_commit:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -274,6 +280,33 @@ class Store:
             "samples": samples,
             "sessions": sessions,
         }
+
+    def kept_texts(self) -> Iterator[tuple[str, bytes | None]]:
+        """(data JSON, stored vector) of every kept sample, in the order they were committed."""
+        cursor = self.db.execute("SELECT data, vector FROM samples ORDER BY rowid")
+        while batch := cursor.fetchmany(2048):
+            yield from batch
+
+    def sample_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM samples").fetchone()[0]
+
+    def dropped_reasons(self) -> dict[str, int]:
+        """How many samples were dropped, by reason (near duplicates counted together)."""
+        if "dropped" not in self.db.table_names():
+            return {}
+        rows = self.db.execute(
+            "SELECT CASE WHEN reason LIKE 'near duplicate%' THEN 'near duplicate' ELSE reason END AS why, count(*) "
+            "FROM dropped GROUP BY why ORDER BY count(*) DESC, why"
+        ).fetchall()
+        return dict(rows)
+
+    def leaf_counts(self) -> dict[str, tuple[int, int]]:
+        """Per leaf key: (kept samples, dropped samples)."""
+        kept = dict(self.db.execute("SELECT leaf, count(*) FROM samples GROUP BY leaf").fetchall())
+        dropped = {}
+        if "dropped" in self.db.table_names():
+            dropped = dict(self.db.execute("SELECT leaf, count(*) FROM dropped GROUP BY leaf").fetchall())
+        return {key: (kept.get(key, 0), dropped.get(key, 0)) for key in set(kept) | set(dropped)}
 
     def iter_samples(self) -> Iterator[tuple[str, str, str]]:
         """(leaf, data JSON, attributes JSON) in tree order; streams from one index."""

@@ -94,6 +94,32 @@ def m002_baseline(db: sqlite_utils.Database) -> None:
     db["baseline"].create({"id": int, "samples": int, "created": str}, pk="id")
 
 
+@migration
+def m003_kept_and_dropped(db: sqlite_utils.Database) -> None:
+    # The method's content contract (engine/contract.py), compared on resume.
+    db["runs"].add_column("method", str)
+    db["runs"].add_column("method_hash", str)
+    # Rounds of --samples top-up done: part of the run's progress, so a
+    # resumed run tops up exactly as often as an uninterrupted one.
+    db["runs"].add_column("topup_rounds", int)
+    # A leaf wants `target` samples; `calls_done` counts its requests, `kept`
+    # the samples it kept.
+    db["nodes"].add_column("target", int)
+    db["nodes"].add_column("kept", int)
+    # The embedding a kept sample was judged by (float32), read back on resume.
+    db["samples"].add_column("vector", bytes)
+    db["dropped"].create(
+        {
+            "leaf": str,
+            "call": int,  # the leaf request that made it
+            "idx": int,
+            "data": str,  # canonical JSON of the sample, or the raw answer when unusable
+            "reason": str,  # e.g. "exact duplicate", "near duplicate (cosine 0.953)", "template placeholder"
+        },
+        pk=("leaf", "call", "idx"),
+    )
+
+
 def apply(db: sqlite_utils.Database) -> list[str]:
     """Apply pending migrations; returns the names applied."""
     db.execute(

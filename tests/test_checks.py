@@ -36,3 +36,74 @@ def test_dedupe_values_keeps_first_spelling_and_order():
         "Long division",
         "fractions",
     ]
+
+
+# -- the rules added for data a person would keep -----------------------------------
+
+from treesynth.engine.checks import sample_problem, usable_values, value_problem, values_problem  # noqa: E402
+
+REVIEWS = frozenset("short product reviews of kitchen appliances".split())
+
+
+def test_catch_all_and_vague_dimension_names_are_refused():
+    for name in ("other", "Type", "category", "misc"):
+        problem = criterion_problem(name, ["blender", "toaster"], [], REVIEWS)
+        assert problem and "catch-all dimension" in problem, name
+
+
+def test_format_words_are_refused_unless_the_task_uses_them():
+    assert "format" in criterion_problem("JSON", ["compact", "pretty"], [], REVIEWS)
+    assert "format" in criterion_problem("tone", ["json", "formal"], [], REVIEWS)
+    json_task = frozenset("json documents describing users".split())
+    assert criterion_problem("json style", ["compact", "pretty"], [], json_task) is None
+
+
+def test_values_that_extend_one_another_are_refused():
+    assert values_problem(["json", "json json", "other thing"]) == "value 'json json' extends 'json'"
+    assert values_problem(["serves one", "serves two"]) is None
+
+
+def test_a_value_repeating_its_dimension_is_refused():
+    assert "repeats the dimension" in value_problem("tone 2", "tone", REVIEWS, "")
+    assert value_problem("warm", "tone", REVIEWS, "") is None
+
+
+def test_a_value_copied_from_the_prompt_is_refused():
+    echo = "name one property in one to three words that sorts them into clear groups"
+    assert "echoes" in value_problem("clear groups", "kind of review", REVIEWS, echo)
+    assert value_problem("blender", "appliance", REVIEWS, echo) is None
+
+
+def test_usable_values_filter_and_deduplicate_coverage_answers():
+    kept = usable_values(["blender"], ["Blender", "blender pro", "toaster", "other", "rice cooker", "toaster"], "appliance", REVIEWS, "")
+    assert kept == ["toaster", "rice cooker"]
+
+
+def test_sample_debris_is_caught_and_plain_text_passes():
+    assert sample_problem("Hello, this is {json_string} - {value_type}", REVIEWS) == "template placeholder"
+    assert sample_problem('Review: "rating": 5, "text": great', REVIEWS) == "speaks in JSON keys"
+    assert sample_problem("This JSON blender review is great and the blender works", REVIEWS) == "speaks of the format (json)"
+    assert sample_problem("11.2.2.332339385275089128933989511111111111", REVIEWS) == "mostly digits or symbols"
+    assert sample_problem("good good good good blender", REVIEWS) == "repeats 'good'"
+    assert sample_problem("My new blender crushes ice in seconds, but it is loud.", REVIEWS) is None
+
+
+def test_code_and_latex_tasks_keep_their_braces():
+    code = frozenset("python functions with tests".split())
+    assert sample_problem('def greet(name):\n    return f"Hello {name}"', code) is None
+    latex = frozenset("competition problems with latex notation".split())
+    assert sample_problem(r"Find $x$ if $\frac{x}{2} = 3$.", latex) is None
+
+
+def test_bracket_placeholders_and_copied_properties_are_debris():
+    assert sample_problem("This [product] has a top-notch [feature].", REVIEWS) == "template placeholder"
+    assert sample_problem("Product: 'Food', Mood: sad and tired of it all", REVIEWS, ["product", "mood"]) == "repeats the prompt's properties"
+
+
+def test_a_value_already_on_the_path_is_refused():
+    from treesynth.engine.checks import path_value_problem
+
+    path = [["product", "Food"], ["mood", ["calm", "tense"]]]
+    assert path_value_problem(["drinks", "food"], path) == "value 'food' is already on the path"
+    assert path_value_problem(["Tense"], path) == "value 'Tense' is already on the path"
+    assert path_value_problem(["drinks"], path) is None

@@ -1,13 +1,15 @@
-"""Every step of the method on scripted and fake models: no llama.cpp here."""
+"""Every step of the method on scripted and fake models: no llama.cpp here
+(the sentence embedder is the real one: it decides which samples are kept)."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
 
-from engine_helpers import export_lines, run_engine
+from engine_helpers import distinct_text, export_lines, run_engine
 from treesynth.engine import events as ev
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import plan_leaves
@@ -16,10 +18,12 @@ from treesynth.models.fake import FakeModel
 
 
 def role_of(request) -> str:
-    schema = request.schema
-    if schema["type"] == "array":
-        return "leaf" if "new, varied samples" in request.messages[-1][1] else "pivots"
-    return "criterion" if "dimension" in schema["properties"] else "coverage"
+    properties = request.schema.get("properties", {})
+    if "dimension" in properties:
+        return "criterion"
+    if "status" in properties:
+        return "coverage"
+    return "samples"  # a pivot or a leaf request: the same prompt shape
 
 
 class ScriptedModel:
@@ -46,8 +50,12 @@ class ScriptedModel:
 
 
 def samples(request, n):
-    count = request.schema["minItems"]
-    return [{"text": f"sample {n}-{i}"} for i in range(count)]
+    """A new, unrelated sentence for every request: nothing is a duplicate."""
+    return {"text": distinct_text(n)}
+
+
+def roles(store) -> Counter:
+    return Counter(row["role"] for row in store.db.query("SELECT role FROM calls"))
 
 
 def config(**kw) -> TaskConfig:
@@ -57,10 +65,9 @@ def config(**kw) -> TaskConfig:
 
 def test_one_split_makes_one_leaf_per_value(store_path):
     model = ScriptedModel(
-        pivots=samples,
+        samples=samples,
         criterion=lambda r, n: {"dimension": "operation", "labels": ["addition", "subtraction", "addition"]},
         coverage=lambda r, n: {"status": "complete", "new_values": ["division"]},
-        leaf=samples,
     )
     store, events = run_engine(config(), model, store_path)
     split = [e for e in events if isinstance(e, ev.NodeSplit)]
@@ -73,30 +80,47 @@ def test_one_split_makes_one_leaf_per_value(store_path):
         {"operation": "subtraction"},
         {"operation": "division"},
     ]
+    # one sample per request: 3 pivots + 6 leaf samples, each its own call and seed
+    assert roles(store) == {"pivots": 3, "criterion": 3, "coverage": 1, "leaf": 6}
+    seeds = [req.seed for role, req in model.calls if role == "samples"]
+    assert len(set(seeds)) == len(seeds)
 
 
-def test_pivot_prompt_names_task_and_path_and_asks_for_exact_count(store_path):
+def test_samples_is_exact_and_spread_equally(store_path):
     model = ScriptedModel(
-        pivots=samples,
-        criterion=lambda r, n: {"dimension": ["operation", "setting"][n // 1 if n < 2 else 1], "labels": ["a1", "b1", "a1"]},
+        samples=samples,
+        criterion=lambda r, n: {"dimension": "operation", "labels": ["addition", "subtraction", "division"]},
         coverage=lambda r, n: {"status": "null", "new_values": []},
-        leaf=samples,
     )
-    run_engine(config(depth=2), model, store_path)
-    pivot_requests = [req for role, req in model.calls if role == "pivots"]
-    root, child = pivot_requests[0], pivot_requests[1]
-    assert "grade-school math word problems" in root.messages[-1][1]
-    assert "whole data space" in root.messages[-1][1]
-    assert "- operation: a1" in child.messages[-1][1]
-    assert root.schema["minItems"] == root.schema["maxItems"] == 3
+    store, events = run_engine(config(samples=7), model, store_path)
+    counts = Counter(r["leaf"] for r in export_lines(store))
+    assert sorted(counts.values()) == [2, 2, 3] and sum(counts.values()) == 7
+    assert events[-1].samples == 7 and events[-1].wanted == 7
+
+
+def test_pivot_prompt_names_task_and_path_and_never_the_format(store_path):
+    model = ScriptedModel(
+        samples=samples,
+        criterion=lambda r, n: {"dimension": ["operation", "setting"][min(n // 3, 1)], "labels": ["alpha", "beta", "alpha"]},
+        coverage=lambda r, n: {"status": "null", "new_values": []},
+    )
+    store, _ = run_engine(config(depth=2), model, store_path)
+    rows = list(store.db.query("SELECT node, request FROM calls WHERE role = 'pivots' ORDER BY rowid"))
+    root, child = json.loads(rows[0]["request"]), json.loads(rows[3]["request"])
+    assert "grade-school math word problems" in root["messages"][-1][1]
+    assert "Operation: alpha" in child["messages"][-1][1]
+    assert root["schema"] == config().sample_schema  # one sample, not an array
+    for _, request in model.calls:
+        for role, content in request.messages:
+            if role != "assistant":
+                assert not re.search(r"\bjson\b|\barrays?\b|\bschema\b|\{", content.lower()), content
 
 
 def test_criterion_retries_are_bounded_then_the_node_becomes_a_leaf(store_path):
     model = ScriptedModel(
-        pivots=samples,
+        samples=samples,
         criterion=lambda r, n: {"dimension": "kind", "labels": ["other", "x", "y"]},
         coverage=lambda r, n: pytest.fail("no coverage without a criterion"),
-        leaf=samples,
     )
     store, events = run_engine(config(criterion_retries=4), model, store_path)
     assert model.seen["criterion"] == 4
@@ -104,33 +128,48 @@ def test_criterion_retries_are_bounded_then_the_node_becomes_a_leaf(store_path):
     assert len(rejected) == 4 and all("catch-all" in e.reason for e in rejected)
     root = store.nodes("depth = 0")[0]
     assert root["state"] == "done" and "no usable criterion" in root["reason"]
-    assert len(export_lines(store)) == 2  # the root leaf's one call
+    assert len(export_lines(store)) == 2  # the root leaf's one leaf call of two samples
+    assert events[-1].root_reason.startswith("no usable criterion")
 
 
-def test_criterion_retry_uses_a_new_seed_and_can_succeed(store_path):
+def test_the_best_scoring_candidate_wins_not_the_first(store_path):
     answers = [
+        {"dimension": "colour", "labels": ["red", "red", "blue"]},  # usable, unbalanced
         {"dimension": "kind", "labels": ["a", "a", "a"]},  # one value only
-        {"dimension": "kind", "labels": ["a / b", "c", "d"]},  # combined value
-        {"dimension": "kind", "labels": ["a", "b", "a"]},
+        {"dimension": "operation", "labels": ["addition", "subtraction", "division"]},  # balanced, on task
     ]
     model = ScriptedModel(
-        pivots=samples,
+        samples=samples,
         criterion=lambda r, n: answers[n],
         coverage=lambda r, n: {"status": "null", "new_values": []},
-        leaf=samples,
     )
-    _, events = run_engine(config(), model, store_path)
+    _, events = run_engine(config(criterion_candidates=2), model, store_path)
     seeds = [req.seed for role, req in model.calls if role == "criterion"]
     assert len(set(seeds)) == 3
-    assert [e.values for e in events if isinstance(e, ev.NodeSplit)] == [("a", "b")]
+    chosen = [e for e in events if isinstance(e, ev.CriterionChosen)]
+    assert [(e.dimension, e.candidates) for e in chosen] == [("operation", 2)]
+    assert [e.values for e in events if isinstance(e, ev.NodeSplit)] == [("addition", "subtraction", "division")]
+
+
+def test_each_attempt_shows_other_shots_and_skips_used_facets(store_path):
+    model = ScriptedModel(
+        samples=samples,
+        criterion=lambda r, n: {"dimension": ["mood", "topic"][min(n // 3, 1)], "labels": ["calm", "tense", "calm"]},
+        coverage=lambda r, n: {"status": "null", "new_values": []},
+    )
+    run_engine(config(depth=2, criterion_candidates=3), model, store_path)
+    requests = [req for role, req in model.calls if role == "criterion"]
+    shots_of = [tuple(json.loads(m[1])["dimension"] for m in req.messages if m[0] == "assistant") for req in requests]
+    assert len(set(shots_of[:3])) == 3  # three attempts, three pairs of shots
+    after_mood = shots_of[3:]
+    assert after_mood and all("mood" not in shots for shots in after_mood)
 
 
 def test_repeated_dimension_on_the_path_is_rejected(store_path):
     model = ScriptedModel(
-        pivots=samples,
-        criterion=lambda r, n: {"dimension": "Operation", "labels": ["p", "q", "p"]},
+        samples=samples,
+        criterion=lambda r, n: {"dimension": "Operation", "labels": ["plus", "minus", "plus"]},
         coverage=lambda r, n: {"status": "null", "new_values": []},
-        leaf=samples,
     )
     store, events = run_engine(config(depth=2, criterion_retries=2), model, store_path)
     reasons = [e.reason for e in events if isinstance(e, ev.AnswerRejected)]
@@ -139,14 +178,15 @@ def test_repeated_dimension_on_the_path_is_rejected(store_path):
 
 
 def test_coverage_infinite_rounds_until_max_values_then_one_infinite_child(store_path):
+    names = ["ann", "bo", "cy", "dee", "eve", "flo", "gus", "hal", "ivy", "jo", "kai", "lu"]
+
     def coverage(request, n):
-        return {"status": "infinite", "new_values": [f"value {n}-{i}" for i in range(3)]}
+        return {"status": "infinite", "new_values": names[3 + 3 * n : 6 + 3 * n]}
 
     model = ScriptedModel(
-        pivots=samples,
-        criterion=lambda r, n: {"dimension": "name", "labels": ["ann", "bo", "cy"]},
+        samples=samples,
+        criterion=lambda r, n: {"dimension": "name", "labels": names[:3]},
         coverage=coverage,
-        leaf=samples,
     )
     store, events = run_engine(config(max_values=7, infinite_samples=3), model, store_path)
     split = [e for e in events if isinstance(e, ev.NodeSplit)][0]
@@ -154,27 +194,26 @@ def test_coverage_infinite_rounds_until_max_values_then_one_infinite_child(store
     assert model.seen["coverage"] == 2
     leaves = store.nodes("depth = 1")
     assert len(leaves) == 1 and isinstance(leaves[0]["path"][0][1], list)
-    # one infinite dimension on the path: infinite_samples ** 1 leaf calls, each drawing a value
-    assert model.seen["leaf"] == 3
-    drawn = {r["attributes"]["name"] for r in export_lines(store)}
-    assert drawn <= set(split.values)
+    # one infinite dimension: infinite_samples ** 1 leaf calls of 2, each request drawing a value
+    assert roles(store)["leaf"] == 6
+    drawn = [r["attributes"]["name"] for r in export_lines(store)]
+    assert set(drawn) <= set(split.values) and len(set(drawn)) > 1
 
 
-def test_coverage_stops_when_a_round_adds_nothing_and_is_bounded(store_path):
+def test_coverage_filters_values_and_stops_when_a_round_adds_nothing(store_path):
     model = ScriptedModel(
-        pivots=samples,
+        samples=samples,
         criterion=lambda r, n: {"dimension": "name", "labels": ["ann", "bo", "cy"]},
-        coverage=lambda r, n: {"status": "infinite", "new_values": ["ANN", "bo"]},
-        leaf=samples,
+        coverage=lambda r, n: {"status": "infinite", "new_values": ["ANN", "bo", "other", "ann lee", "name"]},
     )
-    run_engine(config(), model, store_path)
+    _, events = run_engine(config(), model, store_path)
     assert model.seen["coverage"] == 1
+    assert [e.values for e in events if isinstance(e, ev.NodeSplit)] == [("ann", "bo", "cy")]
 
     model = ScriptedModel(
-        pivots=samples,
+        samples=samples,
         criterion=lambda r, n: {"dimension": "name", "labels": ["ann", "bo", "cy"]},
-        coverage=lambda r, n: {"status": "infinite", "new_values": [f"v{n}"]},
-        leaf=samples,
+        coverage=lambda r, n: {"status": "infinite", "new_values": [f"v{n}x"]},
     )
     run_engine(config(coverage_rounds=4, max_values=50), model, store_path.with_name("b.db"))
     assert model.seen["coverage"] == 4
@@ -182,14 +221,45 @@ def test_coverage_stops_when_a_round_adds_nothing_and_is_bounded(store_path):
 
 def test_coverage_null_keeps_the_labels_and_ignores_new_values(store_path):
     model = ScriptedModel(
-        pivots=samples,
+        samples=samples,
         criterion=lambda r, n: {"dimension": "name", "labels": ["ann", "bo", "ann"]},
         coverage=lambda r, n: {"status": "null", "new_values": ["cy"]},
-        leaf=samples,
     )
     _, events = run_engine(config(), model, store_path)
     assert [e.values for e in events if isinstance(e, ev.NodeSplit)] == [("ann", "bo")]
     assert model.seen["coverage"] == 1
+
+
+def test_duplicates_and_debris_are_dropped_recorded_and_made_up(store_path):
+    script = [
+        {"text": "The farmer sells 3 apples at the market and earns 6 dollars."},
+        {"text": "The farmer sells 3 apples at the market and earns 6 dollars!"},  # exact (normalised)
+        {"text": "The farmer sold 3 apples at the market and earned 6 dollars."},  # near
+        {"text": "Hello {json_string} - {value_type}"},  # debris
+    ]
+
+    def leaf(request, n):
+        return script[n] if n < len(script) else samples(request, n)
+
+    model = ScriptedModel(samples=leaf, criterion=None, coverage=None)
+    store, events = run_engine(config(depth=0, samples=3), model, store_path)
+    assert len(export_lines(store)) == 3
+    reasons = [row["reason"] for row in store.db.query("SELECT reason FROM dropped ORDER BY call")]
+    assert reasons[0] == "exact duplicate"
+    assert reasons[1].startswith("near duplicate (cosine 0.9")
+    assert reasons[2] == "template placeholder"
+    assert events[-1].dropped == 3 and roles(store)["leaf"] == 6
+
+
+def test_a_leaf_that_only_repeats_itself_stops_at_its_request_limit(store_path):
+    model = ScriptedModel(samples=lambda r, n: {"text": "The same problem about apples, every time."}, criterion=None, coverage=None)
+    store, events = run_engine(config(depth=0, samples=3, requests_per_sample=2.0), model, store_path)
+    # 7 requests for the leaf (2 x 3 + 1), then three top-up rounds that each raise the target by
+    # the shortfall, 2 (2 x 2 more requests each): bounded, and the run says how short it fell.
+    assert len(export_lines(store)) == 1
+    assert events[-1].samples == 1 and events[-1].wanted > 3
+    assert roles(store)["leaf"] == 7 + 3 * 4
+    assert [e.round for e in events if isinstance(e, ev.TopUp)] == [1, 2, 3]
 
 
 def test_leaf_calls_follow_infinite_samples_to_the_power_k():
@@ -209,20 +279,16 @@ def test_max_samples_scales_the_allocation_exactly():
 
 def test_breadth_first_order_level_by_level_in_path_order(store_path):
     model = FakeModel()
-    cfg = config(depth=3, pivots=2, max_values=3, leaf_samples=1, infinite_samples=1)
+    cfg = config(depth=3, pivots=2, max_values=3, leaf_samples=1, infinite_samples=1, criterion_retries=12)
     store, events = run_engine(cfg, model, store_path)
     split_depths = [e.depth for e in events if isinstance(e, ev.NodeSplit)]
     assert split_depths == sorted(split_depths) and split_depths[-1] == 2
-    pivot_nodes = [
-        r.messages[-1][1] for r in model.history if r.schema["type"] == "array" and "as different" in r.messages[-1][1]
-    ]
-    assert len(pivot_nodes) >= 3
     # within a level, nodes are split in tree (path) order
     positions = [n["position"] for n in store.nodes("state = 'split'")]
     by_level = {}
     for p in positions:
         by_level.setdefault(p.count(".") + (1 if p else 0), []).append(p)
-    assert all(v == sorted(v) for v in by_level.values())
+    assert len(positions) >= 3 and all(v == sorted(v) for v in by_level.values())
 
 
 def test_same_inputs_same_tree_and_bytes(tmp_path):
@@ -230,7 +296,7 @@ def test_same_inputs_same_tree_and_bytes(tmp_path):
     a, _ = run_engine(cfg, FakeModel(), tmp_path / "a.db")
     b, _ = run_engine(cfg, FakeModel(), tmp_path / "b.db")
     c, _ = run_engine(cfg.model_copy(update={"seed": 1}), FakeModel(), tmp_path / "c.db")
-    assert export_lines(a) == export_lines(b)
+    assert export_lines(a) and export_lines(a) == export_lines(b)
     assert export_lines(a) != export_lines(c)
 
 
@@ -241,12 +307,12 @@ def test_rerun_on_a_finished_store_sends_nothing(store_path):
     again = FakeModel()
     second, events = run_engine(cfg, again, store_path)
     assert again.history == []
-    assert export_lines(second) == before
+    assert before and export_lines(second) == before
     assert events[-1].calls_sent == 0
 
 
 def test_unusable_pivots_are_retried_then_the_node_becomes_a_leaf(store_path):
-    model = ScriptedModel(pivots=lambda r, n: "[{\"text\": \"cut", criterion=None, coverage=None, leaf=samples)
+    model = ScriptedModel(samples=lambda r, n: "{\"text\": \"cut" if n < 2 else samples(r, n), criterion=None, coverage=None)
     store, events = run_engine(config(call_retries=2), model, store_path)
-    assert model.seen["pivots"] == 2
+    assert roles(store)["pivots"] == 2
     assert "no usable pivot samples" in store.nodes("depth = 0")[0]["reason"]

@@ -166,7 +166,7 @@ CLI_ERRORS = [
      "minLength 9 is above maxLength 5"),
     ("sample_schema = '{not json'\n", "sample_schema: not valid JSON"),
     ('[prompts]\nleaf = "Write {n} samples of {description} in {subspace} about {topic}."\n',
-     "prompts.leaf: unknown placeholder {topic}; known: description, subspace, n, fields"),
+     "prompts.leaf: unknown placeholder {topic}; known: description, subspace, n, examples, fields"),
     ('[prompts]\npivots = "Write {n} samples of {description}."\n', "prompts.pivots: the template must contain {subspace}"),
     ('[prompts]\ncoverage = "{dimension} {values} {{ok}} }"\n', "prompts.coverage: not a valid template (Single '}' encountered"),
     ('[prompts]\ncriterion = "{numbered_pivots} {n:%Y}"\n', "prompts.criterion: cannot be rendered"),
@@ -259,7 +259,14 @@ def test_overridden_templates_reach_their_step_and_only_theirs(tmp_path):
         seen[marks[0]] += 1
     assert set(seen) == {"PIVOT", "CRITERION", "COVERAGE", "LEAF"}
     leaf_prompt = next(r.messages[-1][1] for r in model.history if r.messages[-1][1].startswith("LEAF-MARK"))
-    assert leaf_prompt.startswith("LEAF-MARK toy problems Subspace constraints (all must hold):\n- ")
+    dimension = json.loads(next(iter(model_nodes(tmp_path / "run.db"))))[0][0]
+    assert leaf_prompt.startswith(f"LEAF-MARK toy problems {dimension[:1].upper()}{dimension[1:]}: ")
+
+
+def model_nodes(path):
+    from treesynth.store import Store
+
+    return [node["path"] for node in Store(path).db.query("SELECT path FROM nodes WHERE depth = 1")]
 
 
 # -- the correct choice's position ------------------------------------------------------
@@ -303,7 +310,8 @@ def test_simpletom_answer_positions_are_exactly_balanced_for_a_seed(tmp_path):
     raw = {}
     for row in store.db.query("SELECT node, step, response FROM calls WHERE role = 'leaf'"):
         call = int(row["step"].split(":")[1])
-        for index, sample in enumerate(json.loads(row["response"])):
+        answer = json.loads(row["response"])  # one sample per request by default, an array otherwise
+        for index, sample in enumerate(answer if isinstance(answer, list) else [answer]):
             raw[(row["node"], call, index)] = sample
     stored = store.db.query("SELECT leaf, call, idx, data FROM samples")
     moved = 0
@@ -326,5 +334,5 @@ def test_odd_leaf_samples_warn_that_balance_is_within_one_per_call():
     assert simpletom_config(seed=0).warnings == []
     assert simpletom_config(seed=0, leaf_samples=3).warnings == [
         "shuffle_choices: leaf_samples 3 is not a multiple of 2 choices; "
-        "the correct choice's position is balanced to within one per leaf call"
+        "the correct choice's position is balanced to within one per leaf"
     ]
