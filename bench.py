@@ -243,16 +243,17 @@ def _valid(text: str, schema: dict) -> bool:
 
 def engine_overhead(model, scale: Scale) -> dict[str, Any]:
     """A small TreeSynth run on this model: wall time minus the model's time."""
-    from treesynth.engine.cli import open_run_store
+    from treesynth.engine.cli import load_embedder, method_of, open_run_store
     from treesynth.engine.config import build_config
     from treesynth.engine.events import RunFinished
     from treesynth.engine.tree import TreeSynth
 
     config = build_config({"description": DESCRIPTION, "seed": 7, **scale.tree}, {})
+    embedder = load_embedder()  # judging samples and criteria is engine time, not model time
     with tempfile.TemporaryDirectory() as tmp:
-        store, _ = open_run_store(Path(tmp) / "bench.db", config, model.fingerprint)
+        store, _ = open_run_store(Path(tmp) / "bench.db", config, model.fingerprint, method_of(embedder))
         try:
-            finished = [e for e in TreeSynth(config, model, store).run() if isinstance(e, RunFinished)][-1]
+            finished = [e for e in TreeSynth(config, model, store, embedder).run() if isinstance(e, RunFinished)][-1]
         finally:
             store.close()
     wall, spent = finished.wall_seconds, finished.model_seconds

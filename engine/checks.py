@@ -55,8 +55,27 @@ def words_of(text: str) -> list[str]:
     return normalise(text).split()
 
 
+_SUFFIXES = ("ations", "ation", "ness", "ings", "ing", "ment", "ful", "ies", "ied", "ed", "es", "ly", "y", "s")
+
+
+def stem(word: str) -> str:
+    """A crude stem, enough to see that sad / sadness / sadly or relaxing /
+    relaxation name one group: the word less its longest common suffix,
+    never shorter than three letters."""
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
 def _extends(shorter: list[str], longer: list[str]) -> bool:
     return len(shorter) < len(longer) and longer[: len(shorter)] == shorter
+
+
+def same_group(a: list[str], b: list[str]) -> bool:
+    """Two values (as word lists) that name one group: equal, one extending
+    the other, or equal word for word after stemming."""
+    return a == b or _extends(a, b) or _extends(b, a) or [stem(w) for w in a] == [stem(w) for w in b]
 
 
 def value_problem(value: str, dimension: str, task_words: frozenset[str], echo: str) -> str | None:
@@ -107,15 +126,15 @@ def dimension_problem(dimension: str, used_dimensions: Sequence[str], task_words
 
 def values_problem(values: Sequence[str]) -> str | None:
     """What is wrong with a set of values together: fewer than two distinct,
-    or one value extending another (``json`` / ``json json``)."""
+    or two naming one group (``json`` / ``json json``, ``sad`` / ``sadness``)."""
     distinct = list(dict.fromkeys(normalise(v) for v in values))
     if len(distinct) < 2:
         return "fewer than two distinct values"
     split = [d.split() for d in distinct]
-    for a in split:
-        for b in split:
-            if _extends(a, b):
-                return f"value {' '.join(b)!r} extends {' '.join(a)!r}"
+    for i, a in enumerate(split):
+        for b in split[i + 1 :]:
+            if same_group(a, b):
+                return f"values {' '.join(a)!r} and {' '.join(b)!r} name one group"
     return None
 
 
@@ -163,7 +182,7 @@ def usable_values(existing: Sequence[str], new: Iterable[str], dimension: str, t
         words = words_of(value)
         if not words or value_problem(value, dimension, task_words, echo):
             continue
-        if any(words == k or _extends(words, k) or _extends(k, words) for k in kept):
+        if any(same_group(words, k) for k in kept):
             continue
         kept.append(words)
         added.append(clean(value))

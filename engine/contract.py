@@ -37,6 +37,8 @@ _RULES = (
     prompts.coverage_shots,
     prompts.coverage_shot_words,
     checks.normalise,
+    checks.stem,
+    checks.same_group,
     selection.sample_text,
     selection.label_balance,
     selection.criterion_score,

@@ -2,8 +2,8 @@
 bounded: unbounded schemas let a small model loop until max_tokens.
 
 Dimensions and values are short word phrases by grammar, not by hope: one to
-four words of letters, digits, hyphens and apostrophes, single spaces between
-them, no dots, brackets, slashes, quotes or braces. A dimension starts with a
+four words, each of letters (hyphens and apostrophes inside) or a number,
+single spaces between them, no dots, brackets, slashes, quotes or braces. A dimension starts with a
 letter. A 135M model left free wrote dimensions such as ``[1],`` and values
 such as ``json.JSON`` or ``{{value}}}``; under this pattern it cannot."""
 
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-WORD = r"[A-Za-z0-9][A-Za-z0-9'-]{0,19}"
+# A word is letters (with hyphens and apostrophes) or a number, never both:
+# a 135M model otherwise numbers its values (forecast5, forecast6, ...).
+WORD = r"(?:[A-Za-z][A-Za-z'-]{0,19}|[0-9]{1,6})"
 VALUE_PATTERN = rf"^{WORD}( {WORD}){{0,3}}$"
-DIMENSION_PATTERN = rf"^[A-Za-z][A-Za-z0-9'-]{{0,19}}( {WORD}){{0,3}}$"
+DIMENSION_PATTERN = rf"^[A-Za-z][A-Za-z'-]{{0,19}}( {WORD}){{0,3}}$"
 PHRASE_MAX_CHARS = 83  # four words of 20 characters and three spaces: what the patterns admit
 COVERAGE_MAX_NEW = 10
 COVERAGE_STATUSES = ("complete", "infinite", "null")

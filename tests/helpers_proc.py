@@ -21,9 +21,10 @@ from typing import Any
 
 TREESYNTH = [sys.executable, "-m", "treesynth"]
 
-# A fake-model task whose tree has 71 nodes and 49 leaves, built with 134 model
-# calls (some answers rejected and retried): big enough to kill at many moments.
-FAKE_TASK = ["short math word problems", "--depth", "3", "--pivots", "5", "--leaf-samples", "2", "--max-values", "8",
+# A fake-model task whose tree has 10 nodes (5 split, 5 leaves), built with 75
+# model calls, 5 of whose samples are dropped as duplicates or debris: big
+# enough to kill at many different moments, small enough to run dozens of times.
+FAKE_TASK = ["short math word problems", "--depth", "3", "--pivots", "3", "--leaf-samples", "2", "--max-values", "3",
              "--infinite-samples", "2", "--seed", "1", "--no-progress"]  # fmt: skip
 
 
