@@ -18,6 +18,7 @@ from typing import Any
 
 from treesynth.engine.balance import call_sizes
 from treesynth.engine.config import TaskConfig, build_config
+from treesynth.engine.leaves import request_limit
 from treesynth.store import Store, StoreError
 from treesynth.store.keys import canonical_json, root_key
 
@@ -72,6 +73,7 @@ def prepare(store: Store, config: TaskConfig) -> bool:
         "state": "planned",
         "plan": canonical_json(plan),
         "target": samples,
+        "request_limit": request_limit(samples, config.samples_per_request, config.requests_per_sample),
         "calls_done": 0,
         "kept": 0,
     }

@@ -143,7 +143,7 @@ def finish_lines(last, samples: int | None) -> list[str]:
     if last.samples < wanted:
         lines.append(
             f"note: {last.samples} of the {wanted} samples asked for were made: the leaves' answers kept "
-            "repeating earlier samples, and the request limit (--requests-per-sample in a task file) was reached."
+            "repeating earlier samples until the request limit (requests_per_sample in a task file) was reached."
         )
     return lines
 

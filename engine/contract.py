@@ -46,7 +46,7 @@ _RULES = (
     leaves.plan_leaves,
     leaves.equal_targets,
     leaves.request_limit,
-    leaves.topup_targets,
+    leaves.topup_extras,
     leaves.draw_attributes,
     spec.choice_position,
     spec.shuffle_choices,

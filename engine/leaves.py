@@ -12,8 +12,9 @@ A leaf reaches its target with leaf requests of ``samples_per_request``
 samples each, every request drawing its infinite values afresh; dropped
 samples (duplicates, debris) are made up by further requests, at most
 ``request_limit`` in all. With ``--samples N``, a run still short of N when
-every leaf is done raises the targets of the leaves with the fewest samples
-(``topup_targets``) for up to ``TOPUP_ROUNDS`` rounds."""
+every leaf is done asks the leaves with the fewest samples for the
+shortfall (``topup_extras``), each with ``request_limit`` of the extra
+samples in new requests, for up to ``TOPUP_ROUNDS`` rounds."""
 
 from __future__ import annotations
 
@@ -72,17 +73,17 @@ def request_limit(target: int, samples_per_request: int, requests_per_sample: fl
     return math.ceil(requests_per_sample * target / samples_per_request) + 1
 
 
-def topup_targets(kept: Sequence[int], targets: Sequence[int], shortfall: int) -> list[int]:
-    """New targets that ask for ``shortfall`` more samples: one more at a
-    time to the leaf with the fewest kept samples (then the smallest target,
-    then tree order), so the dataset stays as even as the leaves allow."""
-    targets = list(targets)
-    order = sorted(range(len(targets)), key=lambda i: (kept[i], targets[i], i))
+def topup_extras(kept: Sequence[int], shortfall: int) -> list[int]:
+    """How many more samples each leaf is asked for, ``shortfall`` in all:
+    one at a time to the leaves in order of fewest kept samples (then tree
+    order), so the dataset stays as even as the leaves allow."""
+    extras = [0] * len(kept)
+    order = sorted(range(len(kept)), key=lambda i: (kept[i], i))
     if not order:
-        return targets
+        return extras
     for step in range(shortfall):
-        targets[order[step % len(order)]] += 1
-    return targets
+        extras[order[step % len(order)]] += 1
+    return extras
 
 
 def draw_attributes(path: Sequence[Sequence[Any]], seed: int) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ from treesynth.engine.leaves import (
     infinite_dimensions,
     plan_leaves,
     request_limit,
-    topup_targets,
+    topup_extras,
 )
 from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criterion_schema, request_schema
 from treesynth.engine.selection import SampleFilter, criterion_score, task_words
@@ -86,7 +86,9 @@ class TreeSynth:
         root_reason = root["reason"] if self.config.depth > 0 and root["state"] in LEAF_STATES else None
         return ev.RunFinished(
             samples=self.store.sample_count(),
-            wanted=sum(leaf["target"] or 0 for leaf in self.store.nodes("state IN ('planned', 'done')")),
+            wanted=self.config.samples
+            if self.config.samples is not None
+            else sum(leaf["target"] or 0 for leaf in self.store.nodes("state IN ('planned', 'done')")),
             dropped=sum(self.store.dropped_reasons().values()),
             calls_sent=self.calls_sent,
             calls_replayed=self.calls_replayed,
@@ -243,6 +245,7 @@ class TreeSynth:
                 "state": "planned" if target else "done",
                 "plan": canonical_json(plan),
                 "target": target,
+                "request_limit": request_limit(target, self.config.samples_per_request, self.config.requests_per_sample),
                 "calls_done": 0,
                 "kept": 0,
             }
@@ -256,9 +259,9 @@ class TreeSynth:
             yield from self._synthesise(leaf)
 
     def _top_up(self) -> Events:
-        """--samples N: while the run holds fewer than N samples, raise the
-        targets of the leaves with the fewest (``topup_targets``), at most
-        TOPUP_ROUNDS times; the round count is committed with the targets."""
+        """--samples N: while the run holds fewer than N samples, ask the
+        leaves with the fewest for the shortfall (``topup_extras``), at most
+        TOPUP_ROUNDS times; the round count is committed with the new targets."""
         run = self.store.run()
         rounds = run.get("topup_rounds") or 0
         while rounds < TOPUP_ROUNDS:
@@ -268,12 +271,17 @@ class TreeSynth:
             leaves = sorted(self.store.nodes("state = 'done'"), key=lambda n: n["position"])
             if not leaves:
                 return
-            targets = topup_targets([leaf["kept"] or 0 for leaf in leaves], [leaf["target"] or 0 for leaf in leaves], shortfall)
+            extras = topup_extras([leaf["kept"] or 0 for leaf in leaves], shortfall)
             rounds += 1
+            per_request, factor = self.config.samples_per_request, self.config.requests_per_sample
             updates = {
-                leaf["key"]: {"target": target, "state": "planned"}
-                for leaf, target in zip(leaves, targets)
-                if target != (leaf["target"] or 0)
+                leaf["key"]: {
+                    "target": (leaf["kept"] or 0) + extra,
+                    "request_limit": (leaf["calls_done"] or 0) + request_limit(extra, per_request, factor),
+                    "state": "planned",
+                }
+                for leaf, extra in zip(leaves, extras)
+                if extra
             }
             self._commit(Step(node_updates=updates, run_updates={"topup_rounds": rounds}))
             yield ev.TopUp(rounds, shortfall, len(updates))
@@ -283,7 +291,7 @@ class TreeSynth:
         """Leaf requests until the leaf keeps its target or reaches its request limit."""
         target, kept, index = leaf["target"] or 0, leaf["kept"] or 0, leaf["calls_done"] or 0
         per_request = self.config.samples_per_request
-        limit = request_limit(target, per_request, self.config.requests_per_sample)
+        limit = leaf["request_limit"] or 0
         if not (kept < target and index < limit):  # a leaf whose target was already met
             self._commit(Step(node_updates={leaf["key"]: {"state": "done"}}))
         while kept < target and index < limit:

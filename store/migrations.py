@@ -106,6 +106,7 @@ def m003_kept_and_dropped(db: sqlite_utils.Database) -> None:
     # the samples it kept.
     db["nodes"].add_column("target", int)
     db["nodes"].add_column("kept", int)
+    db["nodes"].add_column("request_limit", int)  # calls_done may not pass it
     # The embedding a kept sample was judged by (float32), read back on resume.
     db["samples"].add_column("vector", bytes)
     db["dropped"].create(

@@ -21,11 +21,12 @@ from typing import Any
 
 TREESYNTH = [sys.executable, "-m", "treesynth"]
 
-# A fake-model task whose tree has 10 nodes (5 split, 5 leaves), built with 75
-# model calls, 5 of whose samples are dropped as duplicates or debris: big
-# enough to kill at many different moments, small enough to run dozens of times.
-FAKE_TASK = ["short math word problems", "--depth", "3", "--pivots", "3", "--leaf-samples", "2", "--max-values", "3",
-             "--infinite-samples", "2", "--seed", "1", "--no-progress"]  # fmt: skip
+# A fake-model task whose tree has 6 nodes (3 split, 3 leaves), built with 123
+# model calls; 31 of its samples are dropped as near duplicates and made up by
+# more requests, one top-up round included: big enough to kill at many
+# moments, small enough to run dozens of times.
+FAKE_TASK = ["short math word problems", "--depth", "3", "--pivots", "3", "--max-values", "3", "--samples", "60",
+             "--seed", "1", "--no-progress"]  # fmt: skip
 
 
 def treesynth(*args: str, timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess:
@@ -116,14 +117,18 @@ def calls_table(store: Path) -> list[tuple]:
 def consistency_problems(store: Path, every_leaf_call_succeeds: bool = True) -> list[str]:
     """What a store left by a killed process must never show: SQLite damage, a
     split node without all its children (or children without a split parent),
-    samples of leaf calls not marked done, leaf calls marked done without
-    their samples, or more samples than a call asked for."""
+    samples or dropped samples of leaf requests not marked done, a request
+    marked done without its one sample (kept or dropped), a leaf whose kept
+    count is not its samples, more samples than its target or requests past
+    its limit, or a leaf whose state disagrees with its progress."""
     conn = connect_ro(store)
     try:
         problems = [f"integrity: {r[0]}" for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
         nodes = {
             row[0]: row
-            for row in conn.execute("SELECT key, parent, state, value_list, infinite, plan, calls_done FROM nodes")
+            for row in conn.execute(
+                "SELECT key, parent, state, value_list, infinite, target, kept, calls_done, request_limit FROM nodes"
+            )
         }
         children: dict[str, int] = {}
         for key, parent, *_ in nodes.values():
@@ -131,10 +136,11 @@ def consistency_problems(store: Path, every_leaf_call_succeeds: bool = True) -> 
                 children[parent] = children.get(parent, 0) + 1
                 if parent not in nodes or nodes[parent][2] != "split":
                     problems.append(f"node {key} has no split parent")
-        samples: dict[tuple[str, int], int] = {}
-        for leaf, call in conn.execute("SELECT leaf, call FROM samples"):
-            samples[(leaf, call)] = samples.get((leaf, call), 0) + 1
-        for key, _, state, value_list, infinite, plan, calls_done in nodes.values():
+        rows: dict[str, dict[int, list[str]]] = {}
+        for table in ("samples", "dropped"):
+            for leaf, call in conn.execute(f"SELECT leaf, call FROM {table}"):
+                rows.setdefault(leaf, {}).setdefault(call, []).append(table)
+        for key, _, state, value_list, infinite, target, kept, calls_done, limit in nodes.values():
             if state == "split":
                 expected = 1 if infinite else len(json.loads(value_list))
                 if children.get(key, 0) != expected:
@@ -142,17 +148,22 @@ def consistency_problems(store: Path, every_leaf_call_succeeds: bool = True) -> 
             elif key in children:
                 problems.append(f"node {key} in state {state} has children")
             if state in ("planned", "done"):
-                plan = json.loads(plan)
-                done = calls_done or 0
-                if (state == "done") != (done == len(plan)):
-                    problems.append(f"leaf {key}: state {state} with {done}/{len(plan)} calls done")
-                for call, asked in enumerate(plan):
-                    got = samples.pop((key, call), 0)
-                    if call >= done and got:
-                        problems.append(f"leaf {key}: samples of call {call}, which is not marked done")
-                    if got > asked or (every_leaf_call_succeeds and call < done and got != asked):
-                        problems.append(f"leaf {key}: call {call} holds {got} samples of {asked}")
-        problems += [f"samples of {leaf}/{call} outside any planned leaf call" for leaf, call in samples]
+                done, by_call = calls_done or 0, rows.pop(key, {})
+                stored = sum(tables.count("samples") for tables in by_call.values())
+                if stored != (kept or 0):
+                    problems.append(f"leaf {key}: kept {kept} but holds {stored} samples")
+                if stored > target or done > limit:
+                    problems.append(f"leaf {key}: {stored}/{target} samples, {done}/{limit} requests")
+                if (state == "done") != (stored >= target or done >= limit):
+                    problems.append(f"leaf {key}: state {state} with {stored}/{target} samples, {done}/{limit} requests")
+                for call, tables in by_call.items():
+                    if call >= done:
+                        problems.append(f"leaf {key}: samples of request {call}, which is not marked done")
+                if every_leaf_call_succeeds:
+                    missing = [call for call in range(done) if len(by_call.get(call, [])) != 1]
+                    if missing:
+                        problems.append(f"leaf {key}: requests {missing[:5]} do not hold exactly one sample")
+        problems += [f"samples of {leaf} outside any planned leaf" for leaf in rows]
         return problems
     finally:
         conn.close()

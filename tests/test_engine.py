@@ -254,11 +254,11 @@ def test_duplicates_and_debris_are_dropped_recorded_and_made_up(store_path):
 def test_a_leaf_that_only_repeats_itself_stops_at_its_request_limit(store_path):
     model = ScriptedModel(samples=lambda r, n: {"text": "The same problem about apples, every time."}, criterion=None, coverage=None)
     store, events = run_engine(config(depth=0, samples=3, requests_per_sample=2.0), model, store_path)
-    # 7 requests for the leaf (2 x 3 + 1), then three top-up rounds that each raise the target by
-    # the shortfall, 2 (2 x 2 more requests each): bounded, and the run says how short it fell.
+    # 7 requests for the leaf (2 x 3 + 1), then three top-up rounds that each ask for the
+    # shortfall, 2 (2 x 2 + 1 more requests each): bounded, and the run says how short it fell.
     assert len(export_lines(store)) == 1
-    assert events[-1].samples == 1 and events[-1].wanted > 3
-    assert roles(store)["leaf"] == 7 + 3 * 4
+    assert events[-1].samples == 1 and events[-1].wanted == 3
+    assert roles(store)["leaf"] == 7 + 3 * 5
     assert [e.round for e in events if isinstance(e, ev.TopUp)] == [1, 2, 3]
 
 

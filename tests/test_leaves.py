@@ -1,6 +1,6 @@
 """Leaf targets, request limits and top-ups: pure functions, exact by construction."""
 
-from treesynth.engine.leaves import equal_targets, plan_leaves, request_limit, topup_targets
+from treesynth.engine.leaves import equal_targets, plan_leaves, request_limit, topup_extras
 
 
 def test_samples_are_spread_equally_remainder_to_the_first_leaves():
@@ -17,8 +17,9 @@ def test_request_limit_allows_top_ups_and_one_spare():
 
 
 def test_top_up_goes_to_the_leaves_with_the_fewest_samples_first():
-    assert topup_targets(kept=[3, 1, 2], targets=[3, 3, 3], shortfall=2) == [3, 4, 4]
-    assert topup_targets(kept=[0, 0], targets=[2, 2], shortfall=3) == [4, 3]
+    assert topup_extras(kept=[3, 1, 2], shortfall=2) == [0, 1, 1]
+    assert topup_extras(kept=[0, 0], shortfall=3) == [2, 1]
+    assert sum(topup_extras(kept=[5, 0, 2, 9], shortfall=11)) == 11
 
 
 def test_plan_still_scales_to_max_samples():
