@@ -212,7 +212,7 @@ def test_balance_fills_every_shortfall_to_the_target_and_counts_add_up(tree):
                 assert value in path[dimension] if isinstance(path[dimension], list) else value == path[dimension]
     # Synthesis calls are leaf calls under the leaf's attributes, stored with role 'balance'.
     prompts = [r.messages[1][1] for r in model.history if r.schema.get("type") == "array"]
-    assert prompts and all("Subspace constraints" in p for p in prompts)
+    assert prompts and all(re.search(r"^[A-Z][\w '-]*: \S", p, re.M) for p in prompts)  # the leaf's "Dimension: value" lines
     assert store.db.execute("SELECT count(*) FROM calls WHERE role = 'balance'").fetchone()[0] == len(prompts)
 
 

@@ -51,26 +51,28 @@ def test_preset_loads_with_every_field_required_and_bounded(name):
     schema = config.sample_schema
     assert list(schema["properties"]) == FIELDS[name]
     assert schema["required"] == FIELDS[name]
-    assert config.prompts.pivots and config.prompts.criterion and config.prompts.leaf
+    # Pivot and leaf wording is the preset's; criterion and coverage keep the built-in few-shot turns.
+    assert config.prompts.pivots and config.prompts.leaf
+    assert config.prompts.criterion is None and config.prompts.coverage is None
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_prompts_render_with_domain_wording(name):
+def test_preset_prompts_render_with_domain_wording_and_never_the_format(name):
     config = build_config(load_preset(name), {})
     attrs = [("setting", "a farm")]
-    pivot = prompts.pivots_messages(config.description, attrs, config.sample_schema, 4, config.prompts.pivots)[-1][1]
-    leaf = prompts.leaf_messages(config.description, attrs, config.sample_schema, 4, config.prompts.leaf)[-1][1]
-    criterion = prompts.criterion_messages(config.description, attrs, [{"a": 1}, {"a": 2}], ["setting"], config.prompts.criterion)[-1][1]
+    pivot = prompts.pivots_messages(config.description, attrs, config.sample_schema, 1, config.prompts.pivots)[-1][1]
+    leaf = prompts.leaf_messages(config.description, attrs, config.sample_schema, 1, config.prompts.leaf)[-1][1]
+    criterion = prompts.criterion_messages(config.description, attrs, [{"a": "x"}, {"a": "y"}], ["tone"], config.prompts.criterion)[-1][1]
     coverage = prompts.coverage_messages(config.description, attrs, "tone", ["calm"], config.prompts.coverage)[-1][1]
     for text in (pivot, leaf, criterion, coverage):
-        assert config.description in text and "- setting: a farm" in text
-    for text in (pivot, leaf, criterion):
-        assert DOMAIN_WORDS[name] in text
+        assert "Setting: a farm" in text
+        assert not re.search(r"\bjson\b|\barrays?\b|\bschema\b", text.lower()), text
+    for text in (pivot, leaf):
+        assert config.description in text and DOMAIN_WORDS[name] in text and "one example" in text
     for field in FIELDS[name]:
-        assert f'"{field}" (' in pivot and f'"{field}" (' in leaf
-    assert "exactly 4 samples" in pivot and "exactly 4 samples" in leaf
-    assert '{"dimension": "...", "labels": [2 values' in criterion
-    assert "Dimension: tone" in coverage
+        assert f"its {field} (" in pivot and f"its {field} (" in leaf
+    assert "Do not sort them by tone." in criterion and "- x\n- y" in criterion
+    assert "by tone. The tone groups so far: calm." in coverage
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -70,8 +70,7 @@ def test_one_sentence_to_a_dataset_offline(tmp_path, monkeypatch):
     store = tmp_path / "gsm.db"
     runner = CliRunner()
     args = ["run", "GSM8K-style grade-school math word problems", "--store", str(store), "--depth", "2",
-            "--pivots", "3", "--leaf-samples", "2", "--max-values", "3", "--infinite-samples", "1", "--seed", "7",
-            "--n-ctx", "2048"]
+            "--pivots", "3", "--max-values", "2", "--samples", "4", "--seed", "1", "--n-ctx", "2048"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "done:" in result.output
