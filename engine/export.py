@@ -84,8 +84,9 @@ def status_lines(store: Store) -> list[str]:
         f"kind:        {kind}",
         f"task:        {config['description']}",
         f"model:       {run['model'].get('file', run['model'].get('backend'))}",
-        f"parameters:  depth {config['depth']}, pivots {config['pivots']}, leaf samples {config['leaf_samples']}, "
-        f"max values {config['max_values']}, infinite samples {config['infinite_samples']}, seed {config['seed']}",
+        f"parameters:  depth {config['depth']}, pivots {config['pivots']}, "
+        + (f"samples {config['samples']}" if config.get("samples") else f"leaf samples {config['leaf_samples']}")
+        + f", max values {config['max_values']}, infinite samples {config['infinite_samples']}, seed {config['seed']}",
         f"nodes:       {sum(states.values())} ({states.get('split', 0)} split, {leaves} leaves, "
         f"{states.get('done', 0)} leaves done)",
         f"samples:     {counts['samples']}" + (f" of {config['samples']} asked for" if config.get("samples") else ""),

@@ -474,7 +474,7 @@ def single_threaded_blas() -> Iterator[bool]:
     vectors independent of the machine's core count. And a text's products are
     small: on a 2-core machine shared with other busy threads (llama.cpp's
     spinning workers, a test run beside), OpenBLAS's threads wait on each
-    other and embedding ran 5-12 times slower than on one thread. The setting
+    other and embedding ran 4-12 times slower than on one thread. The setting
     is thread-local, so other threads' numpy is untouched."""
     setter = _blas_thread_setter()
     if setter is None:
@@ -485,8 +485,6 @@ def single_threaded_blas() -> Iterator[bool]:
         yield True
     finally:
         setter(previous)
-
-
 
 
 def _checked_config(directory: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
