@@ -104,7 +104,7 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
     calls = calls_table(reference)
     assert calls_table(store) == calls
     # The last run sent only calls that no earlier run had stored.
-    sent = int(re.search(r"\((\d+) model calls sent", result.stdout).group(1))
+    sent = int(re.search(r"(\d+) model calls sent", result.stdout).group(1))
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     last_session = conn.execute("SELECT max(id) FROM sessions").fetchone()[0]
     by_last = conn.execute("SELECT count(*) FROM calls WHERE session = ?", [last_session]).fetchone()[0]
