@@ -78,6 +78,13 @@ def same_group(a: list[str], b: list[str]) -> bool:
     return a == b or _extends(a, b) or _extends(b, a) or [stem(w) for w in a] == [stem(w) for w in b]
 
 
+def _only_task_words(words: list[str], task_words: frozenset[str]) -> bool:
+    """Every word (stemmed) is a word of the task: ``math word problem`` for
+    GSM8K word problems names the whole data space, not a part of it."""
+    stems = {stem(w) for w in task_words}
+    return bool(words) and all(stem(w) in stems for w in words)
+
+
 def value_problem(value: str, dimension: str, task_words: frozenset[str], echo: str) -> str | None:
     """Why one value (of ``dimension``) is unusable, or None.
 
@@ -101,6 +108,8 @@ def value_problem(value: str, dimension: str, task_words: frozenset[str], echo: 
     echo_words = set(echo.split())
     if all(w in echo_words and w not in task_words for w in words):
         return f"value {value!r} echoes the prompt"
+    if _only_task_words(words, task_words):
+        return f"value {value!r} only repeats the task"
     if not any(c.isalpha() for c in value):
         return f"value {value!r} is a bare number"
     return None
@@ -121,6 +130,8 @@ def dimension_problem(dimension: str, used_dimensions: Sequence[str], task_words
     echo_words = set(echo.split())
     if all(w in echo_words and w not in task_words for w in words):
         return f"dimension {dimension!r} echoes the prompt"
+    if _only_task_words(words, task_words):
+        return f"dimension {dimension!r} only repeats the task"
     return None
 
 

@@ -39,6 +39,7 @@ _RULES = (
     checks.normalise,
     checks.stem,
     checks.same_group,
+    checks._only_task_words,
     selection.sample_text,
     selection.label_balance,
     selection.criterion_score,

@@ -13,10 +13,11 @@ from typing import Any
 
 # A word is letters (with hyphens and apostrophes) or a number, never both:
 # a 135M model otherwise numbers its values (forecast5, forecast6, ...).
-WORD = r"(?:[A-Za-z][A-Za-z'-]{0,19}|[0-9]{1,6})"
+# At most two hyphens a word: "Math-B-Tech-A-B-C-E-" is not a category.
+LETTERS = r"[A-Za-z][A-Za-z']{0,14}(?:-[A-Za-z][A-Za-z']{0,14}){0,2}"
+WORD = rf"(?:{LETTERS}|[0-9]{{1,6}})"
 VALUE_PATTERN = rf"^{WORD}( {WORD}){{0,3}}$"
-DIMENSION_PATTERN = rf"^[A-Za-z][A-Za-z'-]{{0,19}}( {WORD}){{0,3}}$"
-PHRASE_MAX_CHARS = 83  # four words of 20 characters and three spaces: what the patterns admit
+DIMENSION_PATTERN = rf"^{LETTERS}( {WORD}){{0,3}}$"
 COVERAGE_MAX_NEW = 10
 COVERAGE_STATUSES = ("complete", "infinite", "null")
 

@@ -110,3 +110,22 @@ def test_a_value_already_on_the_path_is_refused():
     assert path_value_problem(["drinks", "food"], path) == "value 'food' is already on the path"
     assert path_value_problem(["Tense"], path) == "value 'Tense' is already on the path"
     assert path_value_problem(["drinks"], path) is None
+
+
+def test_values_and_dimensions_made_only_of_the_task_words_split_nothing():
+    math = frozenset("gsm8k style grade school math word problems".split())
+    assert "only repeats the task" in value_problem("Math word problem", "setting", math, "")
+    assert "only repeats the task" in criterion_problem("math problems", ["farm", "shop"], [], math)
+    assert value_problem("bakery", "setting", math, "") is None
+
+
+def test_a_word_has_at_most_two_hyphens_and_never_mixes_letters_and_digits():
+    import re
+
+    from treesynth.engine.schemas import DIMENSION_PATTERN, VALUE_PATTERN
+
+    for good in ("x-ray", "well-to-do", "rice cooker", "2 steps", "don't"):
+        assert re.match(VALUE_PATTERN, good), good
+    for bad in ("Math-B-Tech-A-B-C-E-", "forecast5", "1.5", "json.JSON", "{value}", "a/b", "[1],"):
+        assert not re.match(VALUE_PATTERN, bad), bad
+    assert not re.match(DIMENSION_PATTERN, "3 days")
