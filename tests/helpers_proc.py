@@ -21,10 +21,10 @@ from typing import Any
 
 TREESYNTH = [sys.executable, "-m", "treesynth"]
 
-# A fake-model task whose tree has 6 nodes (3 split, 3 leaves), built with 123
-# model calls; 31 of its samples are dropped as near duplicates and made up by
-# more requests, one top-up round included: big enough to kill at many
-# moments, small enough to run dozens of times.
+# A fake-model task whose tree has 10 nodes (5 split, 5 leaves), built with 144
+# model calls; 33 of its samples are dropped as near duplicates and made up by
+# more requests: big enough to kill at many moments, small enough to run
+# dozens of times.
 FAKE_TASK = ["short math word problems", "--depth", "3", "--pivots", "3", "--max-values", "3", "--samples", "60",
              "--seed", "1", "--no-progress"]  # fmt: skip
 

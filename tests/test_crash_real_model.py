@@ -24,7 +24,7 @@ from helpers_proc import calls_table, consistency_problems, export_bytes, kill, 
 
 TASK = ["GSM8K-style grade-school math word problems", "--depth", "2", "--pivots", "3", "--max-values", "2",
         "--samples", "4", "--threads", "1", "--no-progress"]  # fmt: skip
-SEED = "1"  # a depth-2 tree (two infinite splits): 30 calls, 2 samples dropped and made up
+SEED = "1"  # a depth-2 tree (two infinite splits): 35 calls, 7 samples dropped and made up, one top-up
 OTHER_SEED = "2"
 KILL_SEED = 11
 
@@ -80,7 +80,7 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
     store, out = tmp_path / "run.db", tmp_path / "out.txt"
     started = time.monotonic()
     # Kill 1: during start-up and model load. Kills 2-4: a random 0-1.5 s after the k-th
-    # stored call (of 30 with SEED), mid-decode more often than not.
+    # stored call (of 35 with SEED), mid-decode more often than not.
     targets = sorted(rng.sample(range(1, 16), 3))
     kills = 0
     proc = start(run_args(store), out)

@@ -34,7 +34,7 @@ from helpers_proc import (
     without_permission_override,
 )
 
-CALLS = 123  # model calls of FAKE_TASK
+CALLS = 144  # model calls of FAKE_TASK
 
 
 def task(**changes: str) -> list[str]:
