@@ -200,18 +200,6 @@ def usable_values(existing: Sequence[str], new: Iterable[str], dimension: str, t
     return added
 
 
-def dedupe_values(existing: Sequence[str], new: Iterable[str]) -> list[str]:
-    """The values of ``new`` not already in ``existing`` (nor repeated), in order, cleaned."""
-    seen = {normalise(v) for v in existing}
-    added = []
-    for value in new:
-        key = normalise(value)
-        if key and key not in seen:
-            seen.add(key)
-            added.append(clean(value))
-    return added
-
-
 # A task whose description uses one of these words has samples where braces
 # and "key": pairs are content (code, LaTeX, JSON), not template debris.
 MARKUP_WORDS = frozenset(

@@ -1,4 +1,4 @@
-from treesynth.engine.checks import criterion_problem, dedupe_values, normalise
+from treesynth.engine.checks import criterion_problem, normalise, usable_values
 
 
 def test_normalise_ignores_case_spaces_and_punctuation():
@@ -31,8 +31,8 @@ def test_a_good_criterion_passes():
     assert criterion_problem("operation", ["addition", "division", "addition"], used_dimensions=["setting"]) is None
 
 
-def test_dedupe_values_keeps_first_spelling_and_order():
-    assert dedupe_values(["Addition"], ["addition", " Long  division", "long division", "fractions"]) == [
+def test_usable_values_keep_first_spelling_and_order():
+    assert usable_values(["Addition"], ["addition", " Long  division", "long division", "fractions"], "operation", frozenset(), "") == [
         "Long division",
         "fractions",
     ]
@@ -40,7 +40,7 @@ def test_dedupe_values_keeps_first_spelling_and_order():
 
 # -- the rules added for data a person would keep -----------------------------------
 
-from treesynth.engine.checks import sample_problem, usable_values, value_problem, values_problem  # noqa: E402
+from treesynth.engine.checks import sample_problem, value_problem, values_problem  # noqa: E402
 
 REVIEWS = frozenset("short product reviews of kitchen appliances".split())
 
