@@ -269,9 +269,18 @@ def tree(store: Path = typer.Argument(..., help="The run's store.")) -> None:
 def export(
     store: Path = typer.Argument(..., help="The run's store."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL file to write (default: stdout)."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Write a Hugging Face dataset folder instead: Parquet per split and a README.md card."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --to: seeded splits, e.g. train=0.9,test=0.1 [all in train]."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="With --to: also write each split as JSONL."),
 ) -> None:
-    """Write the samples as JSONL: fields, leaf key and the path's attributes."""
+    """Write the samples as JSONL (fields, leaf key, the path's attributes), or a dataset folder with --to."""
+    if to is not None and output is not None:
+        fail("give -o FILE (JSONL) or --to DIR (dataset folder), not both")
+    if to is None and (split is not None or jsonl):
+        fail("--split and --jsonl go with --to DIR")
     db = open_store_or_fail(store)
+    if to is not None:
+        return _export_folder(db, to, split, jsonl)
     fields = list(db.run()["config"]["sample_schema"]["properties"])
     if output is not None and not output.parent.is_dir():
         fail(f"cannot write {output}: directory {output.parent} does not exist")
@@ -279,9 +288,32 @@ def export(
         count = write_jsonl(db, fields, output, sys.stdout)
     except OSError as error:
         fail(f"cannot write {output}: {error.strerror}")
-    states = db.counts()["states"]
-    note = "" if is_finished(states) else " (the run is not finished; rerun it to continue)"
-    err.print(f"exported {count} samples{note}", highlight=False, markup=False)
+    err.print(f"exported {count} samples{_unfinished_note(db)}", highlight=False, markup=False)
+
+
+def _unfinished_note(db: Store) -> str:
+    return "" if is_finished(db.counts()["states"]) else " (the run is not finished; rerun it to continue)"
+
+
+def _export_folder(db: Store, folder: Path, split: Optional[str], jsonl: bool) -> None:
+    from treesynth.engine.dataset import DatasetError, parse_splits, write_dataset
+
+    try:
+        splits = parse_splits(split)
+        made = [s["settings"].get("argv") for s in db.sessions()]
+        argv = next((a for a in made if a and a[0] in ("run", "baseline")), None)
+        reproduce = None
+        if argv:
+            argv = [a for a in argv if a not in _ONE_OFF_FLAGS]
+            here = ["export", str(db.path), "--to", str(folder)] + (["--split", split] if split else []) + (["--jsonl"] if jsonl else [])
+            reproduce = "treesynth " + shlex.join(argv) + "\ntreesynth " + shlex.join(here)
+        written = write_dataset(db, folder, splits=splits, jsonl=jsonl, reproduce=reproduce)
+    except DatasetError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"cannot write {folder}: {error.strerror or error}")
+    rows = ", ".join(f"{name} {n}" for name, n in written.rows.items())
+    err.print(f"exported {sum(written.rows.values())} samples to {folder} ({rows}){_unfinished_note(db)}", highlight=False, markup=False)
 
 
 @app.command()

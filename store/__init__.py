@@ -316,6 +316,23 @@ class Store:
         while batch := cursor.fetchmany(2048):
             yield from batch
 
+    def iter_sample_rows(self) -> Iterator[tuple[str, str, str, str]]:
+        """(leaf, data JSON, attributes JSON, content hash) in tree order; streams."""
+        cursor = self.db.execute(
+            "SELECT leaf, data, attributes, hash FROM samples ORDER BY position, call, idx"
+        )
+        while batch := cursor.fetchmany(2048):
+            yield from batch
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every session in order, its settings decoded."""
+        rows = []
+        for row in self.db.query("SELECT * FROM sessions ORDER BY id"):
+            row = dict(row)
+            row["settings"] = json.loads(row["settings"]) if row["settings"] else {}
+            rows.append(row)
+        return rows
+
     def verify(self) -> Iterator[str]:
         """Recompute every stored hash and key; yields one line per mismatch.
 

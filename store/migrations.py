@@ -121,6 +121,50 @@ def m003_kept_and_dropped(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m004_views(db: sqlite_utils.Database) -> None:
+    # Read-only views for the common questions, for sqlite-utils and Datasette
+    # (store/schema.py describes them; README "The store" is generated from it).
+    for sql in VIEWS_V1:
+        db.execute(sql)
+
+
+VIEWS_V1 = (
+    # One row per kept sample: the leaf's path as "dimension: value; ..." text
+    # beside the sample's fields (data) and attributes as JSON.
+    """CREATE VIEW samples_flat AS
+    SELECT s.rowid AS id, s.leaf, s.position, s.call, s.idx,
+           (SELECT group_concat(a.key || ': ' || a.value, '; ')
+              FROM json_each(s.attributes) AS a) AS attributes_text,
+           s.data, s.attributes, s.hash
+      FROM samples AS s""",
+    # One row per (sample, dimension): facet samples by any dimension.
+    """CREATE VIEW sample_attributes AS
+    SELECT s.rowid AS sample, s.leaf, a.key AS dimension,
+           CASE WHEN a.type IN ('array', 'object') THEN a.value ELSE CAST(a.value AS TEXT) END AS value
+      FROM samples AS s, json_each(s.attributes) AS a""",
+    # One row per leaf: its path, target, requests made, samples kept and dropped.
+    """CREATE VIEW leaves AS
+    SELECT n.key, n.depth, n.position, n.path, n.state, n.target, n.calls_done AS requests,
+           n.request_limit, (SELECT count(*) FROM samples AS s WHERE s.leaf = n.key) AS kept,
+           (SELECT count(*) FROM dropped AS d WHERE d.leaf = n.key) AS dropped, n.reason
+      FROM nodes AS n
+     WHERE n.state IN ('leaf', 'planned', 'done')""",
+    # What failed and why: nodes that became leaves before max depth, and
+    # every sample not kept.
+    """CREATE VIEW failures AS
+    SELECT 'node' AS kind, n.key AS node, n.depth, n.path AS detail, n.reason
+      FROM nodes AS n WHERE n.reason IS NOT NULL
+    UNION ALL
+    SELECT 'dropped sample', d.leaf, n.depth, d.data, d.reason
+      FROM dropped AS d LEFT JOIN nodes AS n ON n.key = d.leaf""",
+    # Model calls per session and role, with tokens and seconds.
+    """CREATE VIEW calls_per_step AS
+    SELECT session, role, count(*) AS calls, sum(prompt_tokens) AS prompt_tokens,
+           sum(completion_tokens) AS completion_tokens, round(sum(seconds), 3) AS seconds
+      FROM calls GROUP BY session, role""",
+)
+
 def apply(db: sqlite_utils.Database) -> list[str]:
     """Apply pending migrations; returns the names applied."""
     db.execute(
