@@ -101,12 +101,15 @@ def test_a_reused_compiled_schema_gives_the_same_answer_as_a_fresh_compile(smoll
     assert len(smollm._matchers) >= 2 and len(fresh._matchers) == 1
 
 
-def test_setup_after_the_first_compile_is_milliseconds(smollm):
+def test_a_schema_is_compiled_once_and_its_matcher_reused(smollm):
+    # Setup time after the first compile is measured by `make bench`, not here:
+    # a timed assertion on a shared machine tests the machine.
     call = engine_requests()["leaf"]
     smollm.generate([dataclasses.replace(call, max_tokens=1)])
-    again = smollm.generate([dataclasses.replace(call, max_tokens=1)])[0]
-    # Generous: the target is 10 ms on an idle machine; this one is shared.
-    assert again.extra["setup_seconds"] < 0.25
+    cached = dict(smollm._matchers)
+    smollm.generate([dataclasses.replace(call, max_tokens=1)])
+    assert smollm._matchers.keys() == cached.keys()
+    assert all(smollm._matchers[k] is cached[k] for k in cached)
 
 
 def test_our_tokenizer_matches_llguidances_own(smollm):

@@ -32,5 +32,7 @@ def test_bounds_added_to_a_custom_schema_are_reported_as_warnings(tmp_path):
     assert run.returncode == 0, run.stderr
     warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
     assert any("sample_schema" in w and "maxLength" in w for w in warnings), run.stderr
-    for line in cli("export", "t.db", cwd=tmp_path).stdout.splitlines():
+    lines = cli("export", "t.db", cwd=tmp_path).stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
         assert len(json.loads(line)["note"]) <= 500
