@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Generator, Sequence
 
-from treesynth.engine import prompts
+from treesynth.engine import checks, prompts
 from treesynth.engine.calls import answer_call
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import draw_attributes
@@ -117,6 +117,7 @@ class Balancer:
         self.config = TaskConfig.model_validate(store.run()["config"])
         self.seed = self.config.seed if seed is None else seed
         self.session = session
+        self.validator = checks.schema_validator(self.config.sample_schema)
         self.tree = Tree(store)
         self.calls_sent = 0
         self.calls_replayed = 0
@@ -182,7 +183,8 @@ class Balancer:
                 )
                 response = self._call(leaf["key"], "balance", step, attempt, request)
                 parsed = parse_samples(response.text, n)
-                if parsed is not None:
+                # An answer with a sample that breaks the schema is retried like unparsable text.
+                if parsed is not None and not any(checks.schema_problem(self.validator, s) for s in parsed):
                     samples = [finish_sample(config, s, leaf["key"], index, i) for i, s in enumerate(parsed)]
                     break
             made += [(s, dict(attributes)) for s in samples]

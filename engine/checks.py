@@ -213,6 +213,26 @@ def markup_task(task_words: frozenset[str]) -> bool:
     return bool(task_words & MARKUP_WORDS)
 
 
+def schema_validator(schema: dict):
+    """A JSON-schema validator for the sample schema, built once per run."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_problem(validator, sample) -> str | None:
+    """Why a decoded sample breaks the sample schema, or None. The grammar
+    should make this impossible; a grammar-engine bug must not write invalid
+    records silently."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(validator.iter_errors(sample))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "the sample"
+    return f"does not match the sample schema ({where}: {error.validator})"
+
+
 def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[str] = ()) -> str | None:
     """Why a sample's text is not data of the task, or None.
 

@@ -29,6 +29,7 @@ _RULES = (
     checks.dimension_problem,
     checks.values_problem,
     checks.sample_problem,
+    checks.schema_problem,
     checks.markup_task,
     checks.usable_values,
     checks.copied_problem,

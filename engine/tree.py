@@ -17,7 +17,7 @@ import time
 from typing import Any, Generator, Iterator
 
 from treesynth.engine import events as ev
-from treesynth.engine import prompts
+from treesynth.engine import checks, prompts
 from treesynth.engine.calls import answer_call
 from treesynth.engine.checks import clean, copied_problem, criterion_problem, path_value_problem, usable_values, words_of
 from treesynth.engine.config import TaskConfig
@@ -51,6 +51,7 @@ class TreeSynth:
         self.fingerprint = model.fingerprint
         self.words = task_words(config.description)
         self.filter = SampleFilter(embedder, config.near_duplicate, self.words)
+        self.validator = checks.schema_validator(config.sample_schema)
         self.calls_sent = 0
         self.calls_replayed = 0
         self.model_seconds = 0.0
@@ -307,7 +308,15 @@ class TreeSynth:
                 dropped.append(self._dropped_row(leaf, index, 0, response.text, _unusable(response)))
             else:
                 dimensions = [dimension for dimension, _ in attributes]
-                for i, (sample, verdict) in enumerate(zip(samples, self.filter.judge(samples, dimensions))):
+                valid = []
+                for i, sample in enumerate(samples):
+                    problem = checks.schema_problem(self.validator, sample)
+                    if problem:
+                        dropped.append(self._dropped_row(leaf, index, i, canonical_json(sample), problem))
+                    else:
+                        valid.append((i, sample))
+                verdicts = self.filter.judge([sample for _, sample in valid], dimensions)
+                for (i, sample), verdict in zip(valid, verdicts):
                     if verdict.keep:
                         rows.append(self._sample_row(leaf, index, i, kept + len(rows), sample, attributes, verdict.vector))
                     else:

@@ -251,6 +251,25 @@ def test_duplicates_and_debris_are_dropped_recorded_and_made_up(store_path):
     assert events[-1].dropped == 3 and roles(store)["leaf"] == 6
 
 
+def test_a_sample_that_breaks_the_sample_schema_is_dropped_never_committed(store_path):
+    # The grammar makes this impossible on a real model; a scripted answer
+    # stands for a grammar-engine bug (text under minLength, an unknown field).
+    script = [{"text": "too short"}, {"text": "A farmer sells 4 apples to each of 5 neighbours.", "extra": 1}]
+
+    def leaf(request, n):
+        return script[n] if n < len(script) else samples(request, n)
+
+    model = ScriptedModel(samples=leaf, criterion=None, coverage=None)
+    store, events = run_engine(config(depth=0, samples=2), model, store_path)
+    assert [len(r["text"]) >= 20 and set(r) == {"text", "leaf", "attributes"} for r in export_lines(store)] == [True, True]
+    reasons = [row["reason"] for row in store.db.query("SELECT reason FROM dropped ORDER BY call")]
+    assert reasons == [
+        "does not match the sample schema (text: minLength)",
+        "does not match the sample schema (the sample: additionalProperties)",
+    ]
+    assert events[-1].dropped == 2 and roles(store)["leaf"] == 4
+
+
 def test_a_leaf_that_only_repeats_itself_stops_at_its_request_limit(store_path):
     model = ScriptedModel(samples=lambda r, n: {"text": "The same problem about apples, every time."}, criterion=None, coverage=None)
     store, events = run_engine(config(depth=0, samples=3, requests_per_sample=2.0), model, store_path)
