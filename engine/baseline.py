@@ -45,11 +45,7 @@ def baseline_plan(samples: int, leaf_samples: int) -> list[int]:
 
 def baseline_mark(store: Store) -> int | None:
     """N when the store is a baseline, else None (also for stores older than the mark)."""
-    tables = set(store.db.table_names())
-    if "baseline" not in tables:
-        return None
-    row = store.db.execute("SELECT samples FROM baseline WHERE id = 1").fetchone()
-    return row[0] if row else None
+    return store.baseline_mark()
 
 
 def prepare(store: Store, config: TaskConfig) -> bool:
@@ -78,7 +74,5 @@ def prepare(store: Store, config: TaskConfig) -> bool:
         "kept": 0,
     }
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with store.transaction():
-        store.db["nodes"].insert(root)
-        store.db["baseline"].insert({"id": 1, "samples": samples, "created": created})
+    store.create_baseline(root, samples, created)
     return True

@@ -280,7 +280,7 @@ def balance(
         cli.fail(str(error))
     if bad:
         cli.err.print(f"{data}: skipped {bad} bad lines", highlight=False, markup=False)
-    resumed = bool(db.db.execute("SELECT count(*) FROM calls WHERE role = 'route'").fetchone()[0])
+    resumed = bool(db.call_count("route"))
     session = db.begin_session({"threads": threads, "argv": sys.argv[1:], "command": "balance"}, resumed)
     balancer = bal.Balancer(db, the_model, seed=seed, session=session)
     field_order = list(balancer.config.sample_schema["properties"])

@@ -66,12 +66,12 @@ class TreeSynth:
         if not resumed:
             self._commit(Step(new_nodes=[self._new_node(None, [], 0, "", leaf=self.config.depth == 0)]))
         for depth in range(self.config.depth):
-            for node in self.store.nodes("depth = ? AND state IN ('open', 'pivoted', 'criterion')", [depth]):
+            for node in self.store.nodes(("open", "pivoted", "criterion"), depth=depth):
                 yield from self._split(node)
-        if self.store.nodes("state = 'leaf'"):
+        if self.store.nodes(("leaf",)):
             self._plan()
         self.filter.load((_text_of(data), vector) for data, vector in self.store.kept_texts())
-        leaves = self.store.nodes("state IN ('planned', 'done')")
+        leaves = self.store.nodes(("planned", "done"))
         yield ev.TreeBuilt(
             leaves=len(leaves),
             planned_samples=sum(leaf["target"] or 0 for leaf in leaves),
@@ -83,13 +83,13 @@ class TreeSynth:
         yield self._finished(started)
 
     def _finished(self, started: float) -> ev.RunFinished:
-        root = self.store.nodes("depth = 0")[0]
+        root = self.store.nodes(depth=0)[0]
         root_reason = root["reason"] if self.config.depth > 0 and root["state"] in LEAF_STATES else None
         return ev.RunFinished(
             samples=self.store.sample_count(),
             wanted=self.config.samples
             if self.config.samples is not None
-            else sum(leaf["target"] or 0 for leaf in self.store.nodes("state IN ('planned', 'done')")),
+            else sum(leaf["target"] or 0 for leaf in self.store.nodes(("planned", "done"))),
             dropped=sum(self.store.dropped_reasons().values()),
             calls_sent=self.calls_sent,
             calls_replayed=self.calls_replayed,
@@ -229,7 +229,7 @@ class TreeSynth:
 
     def _plan(self) -> None:
         """Each leaf's target: its plan's sum, or an equal share of --samples."""
-        leaves = self.store.nodes("state IN ('leaf', 'planned', 'done')")
+        leaves = self.store.nodes(("leaf", "planned", "done"))
         leaves.sort(key=lambda n: n["position"])
         plans = plan_leaves(
             [infinite_dimensions(leaf["path"]) for leaf in leaves],
@@ -256,7 +256,7 @@ class TreeSynth:
         self._commit(Step(node_updates=updates))
 
     def _synthesise_planned(self) -> Events:
-        for leaf in self.store.nodes("state = 'planned'"):
+        for leaf in self.store.nodes(("planned",)):
             yield from self._synthesise(leaf)
 
     def _top_up(self) -> Events:
@@ -269,7 +269,7 @@ class TreeSynth:
             shortfall = self.config.samples - self.store.sample_count()
             if shortfall <= 0:
                 return
-            leaves = sorted(self.store.nodes("state = 'done'"), key=lambda n: n["position"])
+            leaves = sorted(self.store.nodes(("done",)), key=lambda n: n["position"])
             if not leaves:
                 return
             extras = topup_extras([leaf["kept"] or 0 for leaf in leaves], shortfall)

@@ -28,7 +28,7 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import sqlite_utils
 
@@ -248,7 +248,27 @@ class Store:
                 }
             ).last_pk
 
+    # -- baseline ----------------------------------------------------------
+
+    def baseline_mark(self) -> int | None:
+        """N when the store is a baseline of N samples, else None (also for stores older than the mark)."""
+        if "baseline" not in self.db.table_names():
+            return None
+        row = self.db.execute("SELECT samples FROM baseline WHERE id = 1").fetchone()
+        return row[0] if row else None
+
+    def create_baseline(self, root: dict[str, Any], samples: int, created: str) -> None:
+        """The baseline's root leaf and its mark, in one transaction."""
+        with self.transaction():
+            self.db["nodes"].insert(root)
+            self.db["baseline"].insert({"id": 1, "samples": samples, "created": created})
+
     # -- calls -------------------------------------------------------------
+
+    def call_count(self, role: str | None = None) -> int:
+        if role is None:
+            return self.db.execute("SELECT count(*) FROM calls").fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM calls WHERE role = ?", [role]).fetchone()[0]
 
     def cached_call(self, key: str) -> dict[str, Any] | None:
         rows = list(self.db.query("SELECT * FROM calls WHERE key = ?", [key]))
@@ -256,9 +276,21 @@ class Store:
 
     # -- nodes -------------------------------------------------------------
 
-    def nodes(self, where: str = "1", params: list[Any] | None = None) -> list[dict[str, Any]]:
-        sql = f"SELECT * FROM nodes WHERE {where} ORDER BY depth, position"
-        return [_decode_node(r) for r in self.db.query(sql, params or [])]
+    def nodes(self, states: Sequence[str] | None = None, depth: int | None = None) -> list[dict[str, Any]]:
+        """Nodes breadth-first (by depth, then tree position), optionally only those in ``states`` and at ``depth``."""
+        clauses, params = ["1"], []
+        if states is not None:
+            clauses.append(f"state IN ({', '.join('?' * len(states))})")
+            params += list(states)
+        if depth is not None:
+            clauses.append("depth = ?")
+            params.append(depth)
+        sql = f"SELECT * FROM nodes WHERE {' AND '.join(clauses)} ORDER BY depth, position"
+        return [_decode_node(r) for r in self.db.query(sql, params)]
+
+    def nodes_in_tree_order(self) -> list[dict[str, Any]]:
+        """Nodes depth-first: each node followed by its subtree."""
+        return [_decode_node(r) for r in self.db.query("SELECT * FROM nodes ORDER BY position")]
 
     def has_root(self) -> bool:
         return self.db.execute("SELECT count(*) FROM nodes WHERE depth = 0").fetchone()[0] > 0
@@ -332,6 +364,10 @@ class Store:
             row["settings"] = json.loads(row["settings"]) if row["settings"] else {}
             rows.append(row)
         return rows
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own integrity check: an empty list when the file is sound."""
+        return [line for (line,) in self.db.execute("PRAGMA integrity_check").fetchall() if line != "ok"]
 
     def verify(self) -> Iterator[str]:
         """Recompute every stored hash and key; yields one line per mismatch.

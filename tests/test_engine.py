@@ -126,7 +126,7 @@ def test_criterion_retries_are_bounded_then_the_node_becomes_a_leaf(store_path):
     assert model.seen["criterion"] == 4
     rejected = [e for e in events if isinstance(e, ev.AnswerRejected)]
     assert len(rejected) == 4 and all("catch-all" in e.reason for e in rejected)
-    root = store.nodes("depth = 0")[0]
+    root = store.nodes(depth=0)[0]
     assert root["state"] == "done" and "no usable criterion" in root["reason"]
     assert len(export_lines(store)) == 2  # the root leaf's one leaf call of two samples
     assert events[-1].root_reason.startswith("no usable criterion")
@@ -192,7 +192,7 @@ def test_coverage_infinite_rounds_until_max_values_then_one_infinite_child(store
     split = [e for e in events if isinstance(e, ev.NodeSplit)][0]
     assert split.infinite and len(split.values) == 9  # 3 labels + 3 + 3 passes 7 after two rounds
     assert model.seen["coverage"] == 2
-    leaves = store.nodes("depth = 1")
+    leaves = store.nodes(depth=1)
     assert len(leaves) == 1 and isinstance(leaves[0]["path"][0][1], list)
     # one infinite dimension: infinite_samples ** 1 leaf calls of 2, each request drawing a value
     assert roles(store)["leaf"] == 6
@@ -303,7 +303,7 @@ def test_breadth_first_order_level_by_level_in_path_order(store_path):
     split_depths = [e.depth for e in events if isinstance(e, ev.NodeSplit)]
     assert split_depths == sorted(split_depths) and split_depths[-1] == 2
     # within a level, nodes are split in tree (path) order
-    positions = [n["position"] for n in store.nodes("state = 'split'")]
+    positions = [n["position"] for n in store.nodes(("split",))]
     by_level = {}
     for p in positions:
         by_level.setdefault(p.count(".") + (1 if p else 0), []).append(p)
@@ -334,4 +334,4 @@ def test_unusable_pivots_are_retried_then_the_node_becomes_a_leaf(store_path):
     model = ScriptedModel(samples=lambda r, n: "{\"text\": \"cut" if n < 2 else samples(r, n), criterion=None, coverage=None)
     store, events = run_engine(config(call_retries=2), model, store_path)
     assert roles(store)["pivots"] == 2
-    assert "no usable pivot samples" in store.nodes("depth = 0")[0]["reason"]
+    assert "no usable pivot samples" in store.nodes(depth=0)[0]["reason"]
