@@ -96,6 +96,9 @@ def run(
             session = db.begin_session({"threads": threads, "progress": progress, "argv": sys.argv[1:]}, resumed)
         except USER_ERRORS as error:
             fail(str(error))
+        from treesynth.engine.plan import plan as plan_of, summary_line
+
+        err.print(summary_line(plan_of(config)), highlight=False, markup=False)
         engine = TreeSynth(config, the_model, db, embedder, session)
         live = progress and err.is_terminal
         with Renderer(err, live) as renderer:
@@ -322,10 +325,9 @@ def verify(store: Path = typer.Argument(..., help="The run's store.")) -> None:
     db = open_store_or_fail(store)
     problems = 0
     try:
-        for (line,) in db.db.execute("PRAGMA integrity_check").fetchall():
-            if line != "ok":
-                typer.echo(f"sqlite integrity: {line}")
-                problems += 1
+        for line in db.integrity_problems():
+            typer.echo(f"sqlite integrity: {line}")
+            problems += 1
         for line in db.verify():
             typer.echo(line)
             problems += 1
@@ -343,7 +345,7 @@ def verify(store: Path = typer.Argument(..., help="The run's store.")) -> None:
 
 
 # Command groups that live in their own modules; each has register(app).
-EXTENSIONS = ("treesynth.engine.cli_presets", "treesynth.engine.cli_balance")
+EXTENSIONS = ("treesynth.engine.cli_presets", "treesynth.engine.cli_balance", "treesynth.engine.cli_report", "treesynth.engine.cli_plan")
 
 
 def _register_extensions() -> None:

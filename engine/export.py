@@ -45,8 +45,8 @@ def render_tree(store: Store) -> list[str]:
     """The tree as indented lines: each node's attribute, its state, and sample counts of leaves."""
     counts = store.leaf_counts()
     lines = []
-    for node in store.db.query("SELECT * FROM nodes ORDER BY position"):
-        path = json.loads(node["path"])
+    for node in store.nodes_in_tree_order():
+        path = node["path"]
         indent = "  " * node["depth"]
         if path:
             dimension, value = path[-1]
@@ -76,6 +76,8 @@ def status_lines(store: Store) -> list[str]:
     leaves = sum(states.get(s, 0) for s in ("leaf", "planned", "done"))
     config = run["config"]
     from treesynth.engine.baseline import baseline_mark
+    from treesynth.engine.plan import eta_text
+    from treesynth.store.rates import progress
 
     baseline = baseline_mark(store)
     kind = "tree run" if baseline is None else f"baseline (temperature sampling from the root prompt, {baseline} samples)"
@@ -94,6 +96,7 @@ def status_lines(store: Store) -> list[str]:
         f"model calls: {counts['calls']} ({counts['tokens']} tokens, {counts['model_seconds']:.1f} s of model time)",
         f"sessions:    {counts['sessions']}",
         f"finished:    {'yes' if is_finished(states) else 'no'}",
+        f"eta:         {eta_text(config, progress(store), counts['calls'], counts['model_seconds'], is_finished(states))}",
     ]
 
 

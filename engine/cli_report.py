@@ -1,0 +1,71 @@
+"""CLI command `report`: one self-contained HTML page about a run's store.
+Read-only on the store; the page is written through a temp file and a
+rename, so OUTPUT is either the old file or the whole new one. Errors a user
+can cause end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import typer
+
+
+def _cli():
+    # Imported late: engine/cli.py imports this module while it is being set up.
+    from treesynth.engine import cli
+
+    return cli
+
+
+def _check_output(output: Path) -> None:
+    cli = _cli()
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        cli.fail(f"cannot write {output}: directory {parent} does not exist")
+    if output.is_dir():
+        cli.fail(f"cannot write {output}: it is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        cli.fail(f"cannot write {output}: directory {parent} is not writable")
+
+
+def write_atomically(output: Path, text: str) -> None:
+    """Temp file beside OUTPUT, flushed to disk, then renamed over it."""
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def report(
+    store: Path = typer.Argument(..., help="The run's store."),
+    output: Path = typer.Option(..., "--output", "-o", help="HTML file to write (replaced atomically)."),
+) -> None:
+    """One self-contained HTML page about a run: the tree with samples, leaf
+    sizes, calls and tokens per role and session, dropped samples, diversity."""
+    from treesynth.engine.report import report_html
+
+    cli = _cli()
+    _check_output(output)
+    db = cli.open_store_or_fail(store)
+    try:
+        page = report_html(db)
+    except sqlite3.DatabaseError as error:
+        cli.fail(f"cannot read {store} ({error}); check it with: treesynth verify {store}")
+    finally:
+        db.close()
+    try:
+        write_atomically(output, page)
+    except OSError as error:
+        cli.fail(f"cannot write {output}: {error.strerror or error}")
+    typer.echo(f"wrote {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(report)
