@@ -22,8 +22,8 @@ from typing import Any, Generator, Sequence
 from treesynth.engine import checks, prompts
 from treesynth.engine.calls import answer_call
 from treesynth.engine.config import TaskConfig
-from treesynth.engine.leaves import draw_attributes
-from treesynth.engine.schemas import samples_schema
+from treesynth.engine.leaves import call_sizes, draw_attributes
+from treesynth.engine.schemas import parse_samples, samples_schema
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, ModelError, Request, Response
 from treesynth.store import Step, Store
@@ -205,23 +205,7 @@ class Balancer:
         return response
 
 
-def parse_samples(text: str, n: int) -> list[dict[str, Any]] | None:
-    try:
-        samples = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(samples, list) or len(samples) != n or not all(isinstance(s, dict) and s for s in samples):
-        return None
-    return samples
-
-
 # -- the arithmetic ------------------------------------------------------------------
-
-
-def call_sizes(shortfall: int, leaf_samples: int) -> list[int]:
-    """Samples asked for by each shortfall call: full calls, then the remainder."""
-    full, rest = divmod(shortfall, leaf_samples)
-    return [leaf_samples] * full + ([rest] if rest else [])
 
 
 def downsample(indices: Sequence[int], per_leaf: int, seed: int) -> list[int]:

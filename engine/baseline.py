@@ -16,9 +16,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from treesynth.engine.balance import call_sizes
 from treesynth.engine.config import TaskConfig, build_config
-from treesynth.engine.leaves import request_limit
+from treesynth.engine.leaves import call_sizes, request_limit
 from treesynth.store import Store, StoreError
 from treesynth.store.keys import canonical_json, root_key
 

@@ -4,8 +4,6 @@ cause end in one line and exit code 2; no output file is written half-way."""
 
 from __future__ import annotations
 
-import os
-import shlex
 import sqlite3
 import sys
 from pathlib import Path
@@ -25,7 +23,7 @@ def _cli():
 
 
 def _continue_command() -> str:
-    return "treesynth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return _cli()._continue_command()
 
 
 def _check_output(output: Optional[Path]) -> None:
@@ -43,15 +41,12 @@ def _write_atomically(output: Optional[Path], lines: List[str]) -> None:
         sys.stdout.writelines(lines)
         sys.stdout.flush()
         return
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    from treesynth.store.files import write_atomically
+
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, output)
+        write_atomically(output, lines)
     except OSError as error:
         _cli().fail(f"cannot write {output}: {error.strerror}")
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _is_sqlite(path: Path) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from treesynth.store.files import write_atomically
+
 
 def _cli():
     # Imported late: engine/cli.py imports this module while it is being set up.
@@ -28,19 +30,6 @@ def _check_output(output: Path) -> None:
         cli.fail(f"cannot write {output}: it is a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         cli.fail(f"cannot write {output}: directory {parent} is not writable")
-
-
-def write_atomically(output: Path, text: str) -> None:
-    """Temp file beside OUTPUT, flushed to disk, then renamed over it."""
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def report(
@@ -61,7 +50,7 @@ def report(
     finally:
         db.close()
     try:
-        write_atomically(output, page)
+        write_atomically(output, [page])
     except OSError as error:
         cli.fail(f"cannot write {output}: {error.strerror or error}")
     typer.echo(f"wrote {output}")

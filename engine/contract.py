@@ -46,6 +46,8 @@ _RULES = (
     selection.criterion_score,
     selection.SampleFilter.judge,
     leaves.plan_leaves,
+    leaves.call_sizes,
+    schemas.parse_samples,
     leaves.equal_targets,
     leaves.request_limit,
     leaves.topup_extras,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from treesynth.store import Store
+from treesynth.store.files import write_atomically
 
 
 def iter_records(store: Store, field_order: list[str]) -> Iterator[str]:
@@ -23,21 +23,12 @@ def iter_records(store: Store, field_order: list[str]) -> Iterator[str]:
 
 def write_jsonl(store: Store, field_order: list[str], out: Path | None, stdout: IO[str]) -> int:
     """Write all records; to a file atomically (temp file, then rename), or to stdout."""
+    if out is not None:
+        return write_atomically(out, iter_records(store, field_order))
     count = 0
-    if out is None:
-        for line in iter_records(store, field_order):
-            stdout.write(line)
-            count += 1
-        return count
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in iter_records(store, field_order):
-                f.write(line)
-                count += 1
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    for line in iter_records(store, field_order):
+        stdout.write(line)
+        count += 1
     return count
 
 

@@ -40,11 +40,13 @@ def plan_leaves(
         targets = _largest_remainder(wanted, max_samples)
     else:
         targets = wanted
-    plans = []
-    for target in targets:
-        full, rest = divmod(target, leaf_samples)
-        plans.append([leaf_samples] * full + ([rest] if rest else []))
-    return plans
+    return [call_sizes(target, leaf_samples) for target in targets]
+
+
+def call_sizes(samples: int, per_call: int) -> list[int]:
+    """Samples asked for by each call: full calls, then the remainder."""
+    full, rest = divmod(samples, per_call)
+    return [per_call] * full + ([rest] if rest else [])
 
 
 def _largest_remainder(weights: Sequence[int], budget: int) -> list[int]:

@@ -9,6 +9,7 @@ such as ``json.JSON`` or ``{{value}}}``; under this pattern it cannot."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # A word is letters (with hyphens and apostrophes) or a number, never both:
@@ -66,3 +67,17 @@ def coverage_schema() -> dict[str, Any]:
         "required": ["status", "new_values"],
         "additionalProperties": False,
     }
+
+
+def parse_samples(text: str, n: int) -> list[dict[str, Any]] | None:
+    """The samples of an answer to ``request_schema(..., n)`` or
+    ``samples_schema(..., n)``: one object (n = 1) or an array of n non-empty
+    objects; None for anything else."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return None
+    samples = [answer] if n == 1 and isinstance(answer, dict) else answer
+    if not isinstance(samples, list) or len(samples) != n or not all(isinstance(s, dict) and s for s in samples):
+        return None
+    return samples

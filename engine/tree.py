@@ -30,12 +30,12 @@ from treesynth.engine.leaves import (
     request_limit,
     topup_extras,
 )
-from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criterion_schema, request_schema
+from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criterion_schema, parse_samples, request_schema
 from treesynth.engine.selection import SampleFilter, criterion_score, task_words
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, Request, Response
 from treesynth.store import Step, Store
-from treesynth.store.keys import canonical_json, child_key, content_key, derive_seed, root_key
+from treesynth.store.keys import canonical_json, content_key, derive_seed, node_key
 
 Events = Generator[ev.Event, None, Any]
 LEAF_STATES = ("leaf", "planned", "done")
@@ -64,7 +64,7 @@ class TreeSynth:
         resumed = self.store.has_root()
         yield ev.RunStarted(resumed=resumed, nodes=sum(counts["states"].values()), samples=counts["samples"])
         if not resumed:
-            self._commit(Step(new_nodes=[self._new_node(None, [], 0, "", leaf=self.config.depth == 0)]))
+            self._commit(Step(new_nodes=[self._new_node(None, [], 0, leaf=self.config.depth == 0)]))
         for depth in range(self.config.depth):
             for node in self.store.nodes(("open", "pivoted", "criterion"), depth=depth):
                 yield from self._split(node)
@@ -122,7 +122,7 @@ class TreeSynth:
                 schema = request_schema(self.config.sample_schema, n)
                 call, response = yield from self._call(node, "pivots", step, attempt, messages, schema, self.config.temperature.pivots)
                 self._commit(Step(call=call))
-                samples = _parse_samples(response, n)
+                samples = parse_samples(response.text, n)
                 if samples is not None:
                     pivots += samples
                     break
@@ -210,9 +210,9 @@ class TreeSynth:
         child_depth = node["depth"] + 1
         at_max = child_depth == self.config.depth
         if infinite:
-            children = [self._new_node(node, [dimension, values], 0, canonical_json(values), leaf=at_max)]
+            children = [self._new_node(node, [dimension, values], 0, leaf=at_max)]
         else:
-            children = [self._new_node(node, [dimension, v], i, v, leaf=at_max) for i, v in enumerate(values)]
+            children = [self._new_node(node, [dimension, v], i, leaf=at_max) for i, v in enumerate(values)]
         update = {"state": "split", "value_list": canonical_json(values), "infinite": int(infinite)}
         self._commit(Step(call=call, node_updates={node["key"]: update}, new_nodes=children))
         yield ev.NodeSplit(node["key"], node["depth"], dimension, tuple(values), infinite)
@@ -302,7 +302,7 @@ class TreeSynth:
             messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.leaf)
             schema = request_schema(self.config.sample_schema, n)
             call, response = yield from self._call(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf)
-            samples = _parse_samples(response, n)
+            samples = parse_samples(response.text, n)
             rows, dropped = [], []
             if samples is None:
                 dropped.append(self._dropped_row(leaf, index, 0, response.text, _unusable(response)))
@@ -352,11 +352,11 @@ class TreeSynth:
     def _attributes(self, node: dict[str, Any], step: str, attempt: int) -> list[tuple[str, str]]:
         return draw_attributes(node["path"], derive_seed(self.config.seed, node["key"], "draw:" + step, attempt))
 
-    def _new_node(self, parent, attribute, index: int, value_key: str, leaf: bool) -> dict[str, Any]:
+    def _new_node(self, parent, attribute, index: int, leaf: bool) -> dict[str, Any]:
         if parent is None:
-            key, path, depth, position = root_key(), [], 0, ""
+            key, path, depth, position = node_key(None), [], 0, ""
         else:
-            key = child_key(parent["key"], attribute[0], value_key)
+            key = node_key(parent["key"], *attribute)
             path = parent["path"] + [attribute]
             depth = parent["depth"] + 1
             position = f"{parent['position']}.{index:04d}" if parent["position"] else f"{index:04d}"
@@ -404,15 +404,6 @@ def _parse_json(response: Response) -> Any:
         return json.loads(response.text)
     except ValueError:
         return None
-
-
-def _parse_samples(response: Response, n: int) -> list[dict] | None:
-    """The samples of an answer: one object when a request asks for one, an array of n otherwise."""
-    answer = _parse_json(response)
-    samples = [answer] if n == 1 and isinstance(answer, dict) else answer
-    if not isinstance(samples, list) or len(samples) != n or not all(isinstance(s, dict) and s for s in samples):
-        return None
-    return samples
 
 
 def _unusable(response: Response) -> str:

@@ -47,7 +47,7 @@ from treesynth.store.files import (
     unwritable,
     uri_path,
 )
-from treesynth.store.keys import call_key, canonical_json, child_key, content_key, root_key
+from treesynth.store.keys import call_key, canonical_json, content_key, node_key
 
 __all__ = ["SQLITE_HEADER", "CallRecord", "Step", "Store", "StoreError", "acquire_lock", "check_store_file"]
 
@@ -397,10 +397,7 @@ class Store:
 
 
 def _node_key(parent: str | None, path: list) -> str:
-    if parent is None:
-        return root_key()
-    dimension, value = path[-1]
-    return child_key(parent, dimension, canonical_json(value) if isinstance(value, list) else value)
+    return node_key(parent) if parent is None else node_key(parent, *path[-1])
 
 
 _JSON_COLUMNS = ("path", "pivots", "labels", "value_list", "plan")

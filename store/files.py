@@ -9,6 +9,7 @@ import fcntl
 import os
 import sqlite3
 from pathlib import Path
+from typing import Iterable
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -204,3 +205,22 @@ def remove_files(path: Path) -> None:
 def close_fd(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
+
+
+def write_atomically(path: Path, chunks: Iterable[str]) -> int:
+    """Write text through a temp file beside ``path``, flushed to disk, then
+    renamed over it: ``path`` holds the old file or the whole new one, never
+    half of one. Returns the number of chunks written."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count

@@ -45,3 +45,11 @@ def root_key() -> str:
 
 def child_key(parent_key: str, dimension: str, value: str | None) -> str:
     return content_key([parent_key, dimension, value])
+
+
+def node_key(parent: str | None, dimension: str | None = None, value: Any = None) -> str:
+    """A node's key: the root's, or a child's from its parent's key and its
+    attribute (an infinite dimension's value list as canonical JSON)."""
+    if parent is None:
+        return root_key()
+    return child_key(parent, dimension, canonical_json(value) if isinstance(value, list) else value)

@@ -4,6 +4,7 @@ CLI's refusals, and a real-model balance killed with SIGKILL and resumed."""
 from __future__ import annotations
 
 import json
+from treesynth.engine.leaves import call_sizes
 import os
 import random
 import re
@@ -158,10 +159,10 @@ def test_routing_calls_are_stored_and_replayed_not_resent(tree):
 
 
 def test_call_sizes_are_full_calls_then_the_remainder():
-    assert bal.call_sizes(25, 10) == [10, 10, 5]
-    assert bal.call_sizes(20, 10) == [10, 10]
-    assert bal.call_sizes(3, 10) == [3]
-    assert bal.call_sizes(0, 10) == []
+    assert call_sizes(25, 10) == [10, 10, 5]
+    assert call_sizes(20, 10) == [10, 10]
+    assert call_sizes(3, 10) == [3]
+    assert call_sizes(0, 10) == []
 
 
 def test_downsample_is_seeded_exact_and_in_input_order():
