@@ -10,7 +10,7 @@ import shlex
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -42,6 +42,11 @@ def run(
     spec: Optional[Path] = typer.Option(None, "--spec", help="TOML task file; flags override its keys."),
     preset: Optional[str] = typer.Option(None, "--preset", help="A shipped task preset (see `treesynth presets`)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Path to a local GGUF model (default: the embedded SmolLM2-135M)."),
+    server: Optional[List[str]] = typer.Option(None, "--server", metavar="URL", help="An OpenAI-compatible server's URL (llama-server, vLLM, SGLang) instead of --model; repeat for replicas of one model."),
+    server_model: Optional[str] = typer.Option(None, "--server-model", help="The served model's id (default: the server's only model)."),
+    server_parallel: Optional[int] = typer.Option(None, "--server-parallel", help="Requests at once per server (default: the slots it reports, else 1)."),
+    server_wait: Optional[float] = typer.Option(None, "--server-wait", help="Seconds to wait for a server that went away [60]."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the server's API key (never stored)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Maximum tree depth [task file or 2]."),
     pivots: Optional[int] = typer.Option(None, "--pivots", help="Pivot samples per node [10]."),
     leaf_samples: Optional[int] = typer.Option(None, "--leaf-samples", help="Samples per leaf call [10]."),
@@ -90,7 +95,7 @@ def run(
             if restart and store.exists():
                 _restart(store, yes)
             embedder = load_embedder()
-            the_model = load_model_or_fail(model, threads, n_ctx)
+            the_model = load_model_or_fail(model, threads, n_ctx, server_options(server, server_model, server_parallel, api_key_env, server_wait))
             db, resumed = open_run_store(store, config, the_model.fingerprint, method_of(embedder))
             # Settings that do not change content: recorded per session, free to change between runs.
             session = db.begin_session({"threads": threads, "progress": progress, "argv": sys.argv[1:]}, resumed)
@@ -189,10 +194,16 @@ def method_of(embedder) -> dict:
     return method(embedder.fingerprint)
 
 
-def load_model_or_fail(spec, threads, n_ctx):
+def load_model_or_fail(spec, threads, n_ctx, server=None):
     from treesynth.models.loader import load_model
 
-    return load_model(spec, threads=threads, n_ctx=n_ctx)
+    return load_model(spec, threads=threads, n_ctx=n_ctx, server=server)
+
+
+def server_options(urls, model, parallel, api_key_env, wait):
+    from treesynth.models.loader import ServerOptions
+
+    return ServerOptions(tuple(urls or ()), model, parallel, api_key_env, wait)
 
 
 def open_run_store(path: Path, config: TaskConfig, fingerprint: dict, method: dict) -> tuple[Store, bool]:

@@ -70,6 +70,11 @@ def baseline(
     preset: Optional[str] = typer.Option(None, "--preset", help="A shipped task preset (see `treesynth presets`)."),
     like: Optional[Path] = typer.Option(None, "--like", help="A tree run's store: copy its task, sample schema, leaf samples, seed and sampling settings."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Path to a local GGUF model (default: the embedded SmolLM2-135M)."),
+    server: Optional[List[str]] = typer.Option(None, "--server", metavar="URL", help="An OpenAI-compatible server's URL instead of --model (as `run` takes it)."),
+    server_model: Optional[str] = typer.Option(None, "--server-model", help="The served model's id (default: the server's only model)."),
+    server_parallel: Optional[int] = typer.Option(None, "--server-parallel", help="Requests at once per server (default: the slots it reports, else 1)."),
+    server_wait: Optional[float] = typer.Option(None, "--server-wait", help="Seconds to wait for a server that went away [60]."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the server's API key (never stored)."),
     leaf_samples: Optional[int] = typer.Option(None, "--leaf-samples", help="Samples per call [10]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed [0]."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (the leaf temperature of a run) [0.9]."),
@@ -115,7 +120,7 @@ def baseline(
         if store.exists():
             check_store_file(store)
         embedder = cli.load_embedder()
-        the_model = cli.load_model_or_fail(model, threads, n_ctx)
+        the_model = cli.load_model_or_fail(model, threads, n_ctx, cli.server_options(server, server_model, server_parallel, api_key_env, server_wait))
         db, resumed = cli.open_run_store(store, config, the_model.fingerprint, cli.method_of(embedder))
         try:
             prepare(db, config)
@@ -238,6 +243,11 @@ def balance(
     field: Optional[List[str]] = typer.Option(None, "--field", "-f", help="Field(s) whose text is routed [every string field but leaf and attributes]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Balanced JSONL to write (default: stdout, table on stderr)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Path to a local GGUF model (default: the embedded SmolLM2-135M)."),
+    server: Optional[List[str]] = typer.Option(None, "--server", metavar="URL", help="An OpenAI-compatible server's URL instead of --model (as `run` takes it)."),
+    server_model: Optional[str] = typer.Option(None, "--server-model", help="The served model's id (default: the server's only model)."),
+    server_parallel: Optional[int] = typer.Option(None, "--server-parallel", help="Requests at once per server (default: the slots it reports, else 1)."),
+    server_wait: Optional[float] = typer.Option(None, "--server-wait", help="Seconds to wait for a server that went away [60]."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the server's API key (never stored)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the downsample and the synthesis calls [the run's seed]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) lines that are not JSON objects or lack a --field."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (does not change content)."),
@@ -269,7 +279,7 @@ def balance(
             raise InputError(f"{store} is a baseline (no tree); balance with a tree run's store")
         records, bad = read_jsonl(data, fields, skip_bad)
         _check_output(output)
-        the_model = cli.load_model_or_fail(model, threads, n_ctx)
+        the_model = cli.load_model_or_fail(model, threads, n_ctx, cli.server_options(server, server_model, server_parallel, api_key_env, server_wait))
         db = Store.open_writer(store)  # locked before it is opened for writing
     except (*cli.USER_ERRORS, InputError) as error:
         cli.fail(str(error))

@@ -221,7 +221,8 @@ def register(app: typer.Typer) -> None:
             config = build_config(task, config_overrides(values), source=str(values["spec"]) if values["spec"] else "plan")
             if with_probe:  # a model that cannot be loaded fails before anything is printed
                 started = time.perf_counter()
-                model = cli.load_model_or_fail(values["model"], values["threads"], values["n_ctx"])
+                server = cli.server_options(values["server"], values["server_model"], values["server_parallel"], values["api_key_env"], values["server_wait"])
+                model = cli.load_model_or_fail(values["model"], values["threads"], values["n_ctx"], server)
                 load_seconds = time.perf_counter() - started
         except cli.USER_ERRORS as error:
             cli.fail(str(error))
@@ -233,13 +234,13 @@ def register(app: typer.Typer) -> None:
             typer.echo(line)
         rates, why_not = None, ""
         if with_probe:
-            model_name = values["model"] or "the embedded SmolLM2-135M"
+            model_name = ", ".join(values["server"]) if values["server"] else values["model"] or "the embedded SmolLM2-135M"
             try:
                 rates = probe(model, config, load_seconds, model_name)
             except cli.USER_ERRORS as error:
                 cli.fail(str(error))
         else:
-            rates, why_not = bench_rates(values["model"])
+            rates, why_not = (None, "bench.json does not measure servers; run without --no-probe") if values["server"] else bench_rates(values["model"])
         for line in time_lines(the_plan, config, rates):
             typer.echo(line)
         typer.echo("")

@@ -1,14 +1,60 @@
 """Build a model from the ``--model`` value: a GGUF path, the embedded default
-when none is given, or ``fake:`` (the deterministic test model)."""
+when none is given, or ``fake:`` (the deterministic test model); or from the
+``--server`` options: OpenAI-compatible servers (models/server.py)."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from treesynth.models.base import Model, ModelError
 
 
-def load_model(spec: str | None, *, threads: int | None = None, n_ctx: int = 4096) -> Model:
+@dataclass(frozen=True)
+class ServerOptions:
+    """The ``--server`` family of options, as given (None: not given)."""
+
+    urls: tuple[str, ...] = ()
+    model: str | None = None
+    parallel: int | None = None
+    api_key_env: str | None = None
+    wait: float | None = None
+
+    def others_given(self) -> bool:
+        return any(v is not None for v in (self.model, self.parallel, self.api_key_env, self.wait))
+
+
+def load_server(options: ServerOptions) -> Model:
+    """A ServerModel over the given URLs; the API key comes from the named
+    environment variable and goes nowhere but the Authorization header."""
+    from treesynth.models.server import DEFAULT_WAIT, ServerModel
+
+    if options.parallel is not None and options.parallel < 1:
+        raise ModelError(f"--server-parallel must be at least 1, not {options.parallel}")
+    if options.wait is not None and options.wait < 0:
+        raise ModelError(f"--server-wait must be at least 0 seconds, not {options.wait:g}")
+    api_key = None
+    if options.api_key_env is not None:
+        api_key = os.environ.get(options.api_key_env)
+        if not api_key:
+            raise ModelError(f"--api-key-env {options.api_key_env}: the environment variable {options.api_key_env} is not set or empty")
+    return ServerModel(
+        options.urls,
+        model=options.model,
+        parallel=options.parallel,
+        api_key=api_key,
+        wait=DEFAULT_WAIT if options.wait is None else options.wait,
+    )
+
+
+def load_model(spec: str | None, *, threads: int | None = None, n_ctx: int = 4096, server: ServerOptions | None = None) -> Model:
+    if server is not None and server.urls:
+        if spec:
+            raise ModelError("give --model (a local GGUF) or --server (a model server), not both")
+        return load_server(server)
+    if server is not None and server.others_given():
+        raise ModelError("--server-model, --server-parallel, --server-wait and --api-key-env go with --server URL")
     if spec and spec.startswith("fake:"):
         from treesynth.models.fake import FakeModel
 
