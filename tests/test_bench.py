@@ -1,4 +1,4 @@
-"""`python -m treesynth.bench --quick` runs and writes well-formed JSON.
+"""`benchmarks/bench.py --quick` runs and writes well-formed JSON.
 A benchmark, not a timed test: the numbers are checked for shape, not speed."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from treesynth import bench
+import bench  # benchmarks/bench.py: a developer tool, outside the installed package
 
 SCHEMA_KEYS = {"tok_s", "ratio", "setup_ms_first", "setup_ms_later", "unconstrained_tok_s", "valid_json", "deterministic"}
 MODEL_KEYS = {"name", "unconstrained_tok_s", "schemas", "cold_start_s", "engine_overhead_pct", "peak_rss_mb", "meets_targets"}
@@ -18,7 +18,7 @@ MODEL_KEYS = {"name", "unconstrained_tok_s", "schemas", "cold_start_s", "engine_
 def test_quick_bench_writes_the_report(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "treesynth.bench", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
+        [sys.executable, bench.__file__, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())

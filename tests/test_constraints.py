@@ -15,7 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from treesynth.bench import gemma_path
+from treesynth.models.embedded import gemma_path
 from treesynth.engine import prompts
 from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
 from treesynth.engine.schemas import coverage_schema, criterion_schema, samples_schema

