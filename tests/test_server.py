@@ -405,3 +405,22 @@ def test_interrupt_and_server_killed_mid_run_then_continued(servers, reference, 
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert export(store) == reference[1]
+
+
+def test_client_killed_mid_run_resends_no_finished_call(servers, reference, tmp_path):
+    main = servers["main"]
+    store = tmp_path / "client-killed.db"
+    command = TREESYNTH + ["run", *TASK, "--store", str(store), "--server", main.url]
+    seen = len(main.requests())
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    wait_for_requests(main, seen + 3, run)  # two answered (and committed or committing), the third in flight
+    run.kill()  # SIGKILL: no handler runs
+    run.wait(timeout=30)
+    committed = stored_calls(store)
+    assert committed >= 1
+    before = len(main.requests())
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    # Only the calls not in the store were sent again: the uninterrupted run's count less those committed.
+    assert len(main.requests()) - before == len(reference[3]) - committed
+    assert export(store) == reference[1]
