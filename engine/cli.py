@@ -192,6 +192,15 @@ def server_options(urls, model, parallel, api_key_env, wait):
     return ServerOptions(tuple(urls or ()), model, parallel, api_key_env, wait)
 
 
+def check_output_file(output: Path) -> None:
+    """Before any work: an output file's directory exists and the path is not a directory."""
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        fail(f"cannot write {output}: directory {parent} does not exist")
+    if output.is_dir():
+        fail(f"cannot write {output}: it is a directory")
+
+
 def open_store_or_fail(path: Path) -> Store:
     try:
         return Store.open_existing(path, readonly=True)

@@ -26,15 +26,6 @@ def _continue_command() -> str:
     return _cli()._continue_command()
 
 
-def _check_output(output: Optional[Path]) -> None:
-    if output is not None:
-        parent = output.parent if str(output.parent) else Path(".")
-        if not parent.is_dir():
-            _cli().fail(f"cannot write {output}: directory {parent} does not exist")
-        if output.is_dir():
-            _cli().fail(f"cannot write {output}: it is a directory")
-
-
 def _write_atomically(output: Optional[Path], lines: List[str]) -> None:
     """To a file through a temp file and a rename (never half-written), or to stdout."""
     if output is None:
@@ -278,7 +269,8 @@ def balance(
         if is_baseline:
             raise InputError(f"{store} is a baseline (no tree); balance with a tree run's store")
         records, bad = read_jsonl(data, fields, skip_bad)
-        _check_output(output)
+        if output is not None:
+            cli.check_output_file(output)
         the_model = cli.load_model_or_fail(model, threads, n_ctx, cli.server_options(server, server_model, server_parallel, api_key_env, server_wait))
         db = Store.open_writer(store)  # locked before it is opened for writing
     except (*cli.USER_ERRORS, InputError) as error:

@@ -23,11 +23,8 @@ def _cli():
 
 def _check_output(output: Path) -> None:
     cli = _cli()
+    cli.check_output_file(output)
     parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        cli.fail(f"cannot write {output}: directory {parent} does not exist")
-    if output.is_dir():
-        cli.fail(f"cannot write {output}: it is a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         cli.fail(f"cannot write {output}: directory {parent} is not writable")
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import xxhash
 
 from treesynth.store import Store
@@ -101,11 +100,11 @@ def size_category(n: int) -> str:
 # -- records and columns --------------------------------------------------------------
 
 
-def _records(store: Store, fields: list[str], seed: int, splits) -> tuple[dict[str, list[dict]], list[str]]:
+def _records(store: Store, nodes: list[dict], fields: list[str], seed: int, splits) -> tuple[dict[str, list[dict]], list[str]]:
     """Records by split in tree order, and the tree's dimensions in first-use order."""
     by_split: dict[str, list[dict]] = {name: [] for name, _ in splits}
     dimensions: dict[str, None] = {}
-    for node in store.nodes():
+    for node in nodes:
         for dimension, _ in node["path"]:
             dimensions.setdefault(dimension, None)
     for leaf, data, attributes, sample_hash in store.iter_sample_rows():
@@ -187,7 +186,8 @@ def write_dataset(
     config = run["config"]
     properties = config["sample_schema"]["properties"]
     fields = list(properties)
-    by_split, dimensions = _records(store, fields, run["seed"], splits)
+    nodes = store.nodes()  # read once: the columns' dimensions and the card's statistics
+    by_split, dimensions = _records(store, nodes, fields, run["seed"], splits)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -200,7 +200,7 @@ def write_dataset(
                     for record in records:
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         rows = {name: len(records) for name, records in by_split.items()}
-        card = dataset_card(store, splits, rows, fields, dimensions, reproduce, pa.__version__)
+        card = dataset_card(store, nodes, splits, rows, fields, dimensions, reproduce, pa.__version__)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         _replace(tmp, folder)
     finally:
@@ -229,8 +229,7 @@ def _yaml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
 
 
-def tree_statistics(store: Store) -> dict[str, Any]:
-    nodes = store.nodes()
+def tree_statistics(store: Store, nodes: list[dict]) -> dict[str, Any]:
     leaves = [n for n in nodes if n["state"] in ("leaf", "planned", "done")]
     counts = store.leaf_counts()
     kept = [counts.get(n["key"], (0, 0))[0] for n in leaves]
@@ -253,25 +252,14 @@ def _path_value(value: Any) -> str:
     return value if isinstance(value, str) else f"{{{len(value)} values}}"  # an infinite dimension's value list
 
 
-def stored_diversity(store: Store) -> dict[str, Any] | None:
-    """Mean pairwise cosine and near-duplicate share from the stored MiniLM vectors, or None without vectors."""
-    from treesynth.engine.diversity import DEFAULT_COSINE_NEAR, cosine_near_duplicate_flags, mean_pairwise_cosine
-
-    vectors = [np.frombuffer(v, dtype=np.float32) for _, v in store.kept_texts() if v is not None]
-    if len(vectors) < 2 or len(vectors) != store.sample_count():
-        return None
-    e = np.stack(vectors)
-    flags = cosine_near_duplicate_flags(e, DEFAULT_COSINE_NEAR)
-    return {"records": len(vectors), "mean_cosine": mean_pairwise_cosine(e), "near_duplicates": sum(flags) / len(flags)}
-
-
-def dataset_card(store, splits, rows: dict[str, int], fields, dimensions, reproduce, pyarrow_version: str) -> str:
+def dataset_card(store, nodes, splits, rows: dict[str, int], fields, dimensions, reproduce, pyarrow_version: str) -> str:
     from treesynth.engine.contract import REVISION
+    from treesynth.engine.diversity import stored_diversity
 
     run = store.run()
     config = run["config"]
     total = sum(rows.values())
-    stats = tree_statistics(store)
+    stats = tree_statistics(store, nodes)
     reasons = store.dropped_reasons()
     diversity = stored_diversity(store)
     front = [
@@ -342,11 +330,16 @@ def dataset_card(store, splits, rows: dict[str, int], fields, dimensions, reprod
         "## Diversity",
         "",
     ]
-    if diversity:
+    if diversity.cosine is not None and diversity.with_vector == diversity.samples:
+        over = (
+            f"all {diversity.embedded} records"
+            if diversity.embedded == diversity.samples
+            else f"a seeded subset of {diversity.embedded} of the {diversity.samples} records"
+        )
         lines.append(
-            f"Over all {diversity['records']} records (all-MiniLM-L6-v2 embeddings stored with each record): mean pairwise "
-            f"cosine {diversity['mean_cosine']:.3f} (lower is more diverse), near duplicates "
-            f"(cosine ≥ 0.95 to an earlier record) {diversity['near_duplicates']:.1%}."
+            f"Over {over} (all-MiniLM-L6-v2 embeddings stored with each record): mean pairwise "
+            f"cosine {diversity.cosine:.3f} (lower is more diverse), near duplicates "
+            f"(cosine ≥ 0.95 to an earlier record) {diversity.near_duplicates:.1%}."
         )
     else:
         lines.append("Not computed: the store holds no embedding for some records (run `treesynth diversity` on the export).")

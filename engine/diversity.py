@@ -412,3 +412,36 @@ def table_lines(results: Sequence[Diversity]) -> list[str]:
                 f"(all {r.pairs} pairs among them; seed {r.subset_seed})"
             )
     return lines
+
+
+# -- from a store's own vectors ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredDiversity:
+    samples: int  # kept samples in the store
+    with_vector: int  # of them, with a stored embedding
+    embedded: int  # vectors the figures are over (all, or the seeded subset)
+    cosine: float | None  # mean pairwise cosine similarity; None: not computed
+    near_duplicates: float | None  # share with cosine >= DEFAULT_COSINE_NEAR to an earlier sample
+
+
+def stored_diversity(store) -> StoredDiversity:
+    """Mean pairwise cosine and near-duplicate share over the embeddings the
+    run stored with its kept samples (``samples.vector``), in export order,
+    by this module's definitions (the seeded subset beyond ``max_embed``)."""
+    from treesynth.store import reports
+
+    samples, with_vector = reports.vector_counts(store)
+    if with_vector < 2:
+        return StoredDiversity(samples, with_vector, 0, None, None)
+    subset = embedding_subset(with_vector, DEFAULT_MAX_EMBED, 0)
+    wanted = None if subset is None else set(subset)
+    chosen = [v for i, v in enumerate(reports.sample_vectors(store)) if wanted is None or i in wanted]
+    if len({len(v) for v in chosen}) != 1:
+        return StoredDiversity(samples, with_vector, 0, None, None)
+    matrix = np.stack([np.frombuffer(v, dtype=np.float32) for v in chosen]).astype(np.float64)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix = matrix / np.where(norms == 0, 1.0, norms)  # stored rows are unit already; this only guards
+    flags = cosine_near_duplicate_flags(matrix, DEFAULT_COSINE_NEAR)
+    return StoredDiversity(samples, with_vector, len(chosen), mean_pairwise_cosine(matrix), sum(flags) / len(flags))

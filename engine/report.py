@@ -21,19 +21,11 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
-import numpy as np
 
-from treesynth.engine.diversity import (
-    DEFAULT_COSINE_NEAR,
-    DEFAULT_MAX_EMBED,
-    cosine_near_duplicate_flags,
-    embedding_subset,
-    mean_pairwise_cosine,
-)
+from treesynth.engine.diversity import DEFAULT_COSINE_NEAR, StoredDiversity, stored_diversity
 from treesynth.engine.export import is_finished
 from treesynth.store import Store, reports
 from treesynth.store.keys import canonical_json
@@ -58,31 +50,6 @@ def esc(value: Any) -> str:
 
 
 # -- diversity from stored vectors -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredDiversity:
-    samples: int  # kept samples in the store
-    with_vector: int  # of them, with a stored embedding
-    embedded: int  # vectors the figures are over (all, or the seeded subset)
-    cosine: float | None  # mean pairwise cosine similarity; None: not computed
-    near_duplicates: float | None  # share with cosine >= DEFAULT_COSINE_NEAR to an earlier sample
-
-
-def stored_diversity(store: Store) -> StoredDiversity:
-    samples, with_vector = reports.vector_counts(store)
-    if with_vector < 2:
-        return StoredDiversity(samples, with_vector, 0, None, None)
-    subset = embedding_subset(with_vector, DEFAULT_MAX_EMBED, 0)
-    wanted = None if subset is None else set(subset)
-    chosen = [v for i, v in enumerate(reports.sample_vectors(store)) if wanted is None or i in wanted]
-    if len({len(v) for v in chosen}) != 1:
-        return StoredDiversity(samples, with_vector, 0, None, None)
-    matrix = np.stack([np.frombuffer(v, dtype=np.float32) for v in chosen]).astype(np.float64)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    matrix = matrix / np.where(norms == 0, 1.0, norms)  # stored rows are unit already; this only guards
-    flags = cosine_near_duplicate_flags(matrix, DEFAULT_COSINE_NEAR)
-    return StoredDiversity(samples, with_vector, len(chosen), mean_pairwise_cosine(matrix), sum(flags) / len(flags))
 
 
 # -- the page ----------------------------------------------------------------------------
