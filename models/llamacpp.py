@@ -1,20 +1,23 @@
 """llama.cpp backend: a local GGUF run in-process, JSON constrained by outlines.
 
-Constraints: outlines' llguidance backend turns a JSON schema into a grammar;
-one ``LLMatcher`` per schema is compiled once (well under a millisecond, so
-nothing is worth persisting across resumes) and reset per call. The
-llguidance tokenizer, built once per model, is the process's cold start.
-Each token, the matcher writes its bitmask of allowed
-tokens and the sampler looks only at allowed candidates: the few allowed ids
-when the mask is sparse, the best raw logits filtered by the mask when it is
-dense. Nothing is done over the whole 262k-entry vocabulary that a numpy
-threshold cannot skip (``make bench`` shows the measurements behind this).
+Constraints: outlines' llguidance backend turns a JSON schema into a grammar,
+compiled once per schema; each sequence in flight has its own ``LLMatcher``
+over it (kept for reuse when the sequence ends). The llguidance tokenizer,
+built once per model, is the process's cold start. Each token, the matcher
+writes its bitmask of allowed tokens and the sampler looks only at allowed
+candidates: the few allowed ids when the mask is sparse, the best raw logits
+filtered by the mask when it is dense. Nothing is done over the whole
+262k-entry vocabulary that a numpy threshold cannot skip (``make bench``
+shows the measurements behind this).
 
-Determinism: every call clears the KV cache and evaluates its whole prompt,
-and sampling (top-k, temperature, top-p) runs here with a numpy RNG seeded by
-the request, so an answer depends only on its request and the model, never
-on the calls before it. Top-k orders tokens by logit, ties by token id, so
-the sparse and dense paths pick the same token."""
+Batching: ``parallel`` requests decode at once in one llama.cpp context, one
+KV stream per sequence; see ``LlamaCppModel``.
+
+Determinism: every sequence clears its KV stream and evaluates its whole
+prompt alone, and sampling (top-k, temperature, top-p) runs here with a numpy
+RNG seeded by the request, so an answer depends only on its request and the
+model, never on the calls before it or beside it. Top-k orders tokens by
+logit, ties by token id, so the sparse and dense paths pick the same token."""
 
 from __future__ import annotations
 
@@ -38,6 +41,26 @@ TOP_K = 40
 # A mask with at most this many non-zero 32-token words is expanded to its ids;
 # a denser one filters the best raw logits instead.
 SPARSE_WORDS = 256
+# Prompt tokens per llama_decode: fixed, since the chunking of a prompt decides
+# which kernel runs (with flash attention on, chunks under 64 rows took another
+# CPU kernel and moved logits by 0.6-0.8).
+PROMPT_CHUNK = 256
+# A prompt starts from another's KV when they share at least this many leading tokens.
+MIN_SHARED_PREFIX = 16
+# Sequences decoded at once unless --parallel says otherwise (measured: README, `make bench`).
+DEFAULT_PARALLEL = 8
+# With layers on a GPU, the most sequences whose tokens did not depend on their
+# neighbours: on an H200 (CUDA 13, this llama.cpp) a sequence decoded the same
+# alone and among 1 or 3 others, and differently among 7, 8, 11 or 15.
+GPU_PARALLEL = 4
+
+
+def default_parallel(gpu_layers: int | None) -> int:
+    """DEFAULT_PARALLEL on a CPU; GPU_PARALLEL where layers go to a GPU."""
+    import llama_cpp
+
+    offload = bool(llama_cpp.llama_supports_gpu_offload()) and gpu_layers != 0
+    return GPU_PARALLEL if offload else DEFAULT_PARALLEL
 
 
 def file_hash(path: Path) -> str:
@@ -86,7 +109,26 @@ def _without_extra_buffer_types(bindings):
 
 
 class LlamaCppModel:
-    def __init__(self, path: Path, *, n_ctx: int = 4096, threads: int | None = None):
+    """A GGUF in this process. ``parallel`` sequences decode at once in one
+    context: one KV stream per sequence (``kv_unified`` off), one
+    ``llama_decode`` per step advancing every live sequence by one token,
+    each sequence with its own constraint matcher and its own seeded RNG.
+    A prompt is evaluated alone, in chunks of ``PROMPT_CHUNK`` tokens, never
+    together with another request's tokens; with flash attention off, a
+    sequence's logits are then the same alone or among any neighbours
+    (tests/test_batching.py checks this on every upgrade), so ``parallel``
+    changes speed, never content, and is not in the fingerprint."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        parallel: int = 1,
+        gpu_layers: int | None = None,
+        kv_limit: int | None = None,
+    ):
         path = Path(path)
         check_gguf(path)
         try:
@@ -95,31 +137,77 @@ class LlamaCppModel:
             raise ModelError(f"llama-cpp-python is not importable: {error}") from None
         self._lib = llama_cpp
         self.path = path
+        if parallel < 1:
+            raise ModelError(f"--parallel must be at least 1, not {parallel}")
+        most = llama_cpp.llama_max_parallel_sequences()
+        if parallel > most:
+            raise ModelError(f"--parallel {parallel} is more than llama.cpp's limit of {most} sequences in one context")
+        self.parallel = parallel
         # Half the cores, as llama-cpp-python does: ggml's threads spin, and with
         # every core taken a busy machine made 2 threads 3-11x slower than 1.
         self.threads = threads or max(1, (os.cpu_count() or 1) // 2)
+        self.gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        if gpu_layers is not None and gpu_layers < -1:
+            raise ModelError(f"--gpu-layers must be -1 (all), 0 (none) or a layer count, not {gpu_layers}")
+        if gpu_layers and not self.gpu:
+            raise ModelError(
+                f"--gpu-layers {gpu_layers}: this llama-cpp-python was built without a GPU backend "
+                "(reinstall it with `make setup GPU=cuda`, see the README)"
+            )
+        wanted_layers = (-1 if self.gpu else 0) if gpu_layers is None else gpu_layers
+        if wanted_layers and parallel > GPU_PARALLEL:
+            raise ModelError(
+                f"--parallel {parallel} with layers on the GPU: above {GPU_PARALLEL} sequences, GPU kernels gave a "
+                "sequence other tokens depending on its neighbours (measured), so a rerun or a resumed run could differ; "
+                f"use --parallel {GPU_PARALLEL} or less, or --gpu-layers 0"
+            )
         try:
             with _without_extra_buffer_types(llama_cpp.llama_cpp):
+                # The weights, the vocabulary and the chat template; decoding runs
+                # in a context of our own (below), so this one's is small.
                 self.llm = llama_cpp.Llama(
                     model_path=str(path),
-                    n_ctx=n_ctx,
+                    n_ctx=256,
+                    n_batch=256,
+                    n_gpu_layers=wanted_layers,
                     n_threads=self.threads,
                     n_threads_batch=self.threads,
-                    n_batch=512,
                     seed=0,
                     verbose=False,
                 )
         except Exception as error:
             raise ModelError(f"cannot load model {path}: {error}") from None
-        self.n_ctx = self.llm.n_ctx()
+        self._model = self.llm.model
+        n_layer = llama_cpp.llama_model_n_layer(self._model)
+        self.gpu_layers = 0 if not self.gpu else (n_layer if wanted_layers < 0 else min(wanted_layers, n_layer))
+        self.kv_bytes_per_token = kv_bytes_per_token(llama_cpp, self._model, self.llm.metadata)
+        need = self.kv_bytes_per_token * n_ctx * parallel
+        limit = kv_limit if kv_limit is not None else (None if self.gpu_layers else memory_available() // 2)
+        if limit is not None and need > limit:
+            raise ModelError(
+                f"--parallel {parallel} with --n-ctx {n_ctx} needs {_gib(need)} of KV cache "
+                f"({_gib(self.kv_bytes_per_token * n_ctx)} per sequence); the limit is {_gib(limit)} "
+                "(half the free memory): lower --parallel or --n-ctx"
+            )
+        self._ctx = self._new_context(n_ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.n_vocab = self.llm.n_vocab()
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._template = self.llm.metadata.get("tokenizer.chat_template")
         self._formatter = None  # the chat template, compiled on first use
         self._backend = None  # outlines' llguidance backend, built on first constrained call
-        self._matchers: dict[str, Any] = {}
-        self._mask_words = np.zeros((self.n_vocab + 31) // 32, dtype="<u4")
+        self._grammars: dict[str, Any] = {}  # schema -> compiled grammar
+        self._idle_matchers: dict[str, list[Any]] = {}  # schema -> matchers not in use
+        self._held: list[list[int]] = [[] for _ in range(parallel)]  # per slot: the prompt whose KV it holds
+        self.prefix_tokens_reused = 0
+        capacity = max(PROMPT_CHUNK, parallel)
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._batch_token = np.ctypeslib.as_array(self._batch.token, shape=(capacity,))
+        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(capacity,))
+        self._batch_logits = np.ctypeslib.as_array(self._batch.logits, shape=(capacity,))
+        self._batch_seq = [self._batch.seq_id[i] for i in range(capacity)]
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(capacity,))[:] = 1
         self._fingerprint = {
             "backend": "llama.cpp",
             "llama_cpp_python": metadata.version("llama-cpp-python"),
@@ -130,7 +218,46 @@ class LlamaCppModel:
             "n_ctx": self.n_ctx,
             "sampler": SAMPLER,
             "extra_buffer_types": False,
+            # What decides the kernels, hence the logits: each sequence its own
+            # KV stream, flash attention off, prompts in fixed chunks, and where
+            # the layers run (GPU kernels give other logits than CPU ones).
+            "kv": "per-sequence",
+            "flash_attn": False,
+            "prompt_chunk": PROMPT_CHUNK,
+            "prompt_prefix_reuse": MIN_SHARED_PREFIX,
+            "offload": f"{self.gpu_layers}/{n_layer} layers on GPU" if self.gpu_layers else "cpu",
         }
+
+    def _new_context(self, n_ctx: int):
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx * self.parallel
+        params.n_seq_max = self.parallel
+        params.kv_unified = False
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.n_batch = params.n_ubatch = max(PROMPT_CHUNK, self.parallel)
+        params.n_threads = params.n_threads_batch = self.threads
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ModelError(
+                f"llama.cpp could not make a context of {self.parallel} x {n_ctx} tokens "
+                f"({_gib(self.kv_bytes_per_token * n_ctx * self.parallel)} of KV cache): lower --parallel or --n-ctx"
+            )
+        return ctx
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+            self.llm.close()
+
+    def __del__(self):  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -168,12 +295,19 @@ class LlamaCppModel:
         return self._backend
 
     def matcher(self, schema: dict[str, Any]):
-        """A reset LLMatcher for this schema: compiled once per schema, reused."""
-        key = canonical_json(schema)
-        matcher = self._matchers.get(key)
-        if matcher is None:
-            import llguidance
+        """A fresh LLMatcher for this schema, taken from the schema's idle ones
+        (reset) or made from its grammar, compiled once per schema. Give it back
+        with ``release`` when its sequence ends."""
+        import llguidance
 
+        key = canonical_json(schema)
+        idle = self._idle_matchers.setdefault(key, [])
+        if idle:
+            matcher = idle.pop()
+            matcher.reset()
+            return matcher
+        grammar = self._grammars.get(key)
+        if grammar is None:
             backend = self.guidance()
             if TEXT_PATTERN in schema:  # a plain-text answer that matches a regex (models/base.py)
                 processor = backend.get_regex_logits_processor(schema[TEXT_PATTERN])
@@ -181,85 +315,237 @@ class LlamaCppModel:
                 # Compact JSON: a small model otherwise spends its tokens on whitespace.
                 compact = {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}}
                 processor = backend.get_json_schema_logits_processor(json.dumps(compact))
-            matcher = llguidance.LLMatcher(backend.llg_tokenizer, processor.grammar)
-            if matcher.is_error():
-                raise ModelError(f"schema could not be compiled: {matcher.get_error()}")
-            self._matchers[key] = matcher
-        else:
-            matcher.reset()
+            grammar = self._grammars[key] = processor.grammar
+        matcher = llguidance.LLMatcher(self.guidance().llg_tokenizer, grammar)
+        if matcher.is_error():
+            raise ModelError(f"schema could not be compiled: {matcher.get_error()}")
         return matcher
+
+    def release(self, schema: dict[str, Any], matcher) -> None:
+        self._idle_matchers[canonical_json(schema)].append(matcher)
 
     # -- generation -------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request]) -> list[Response]:
-        return [self._generate_one(request) for request in requests]
+        """Every request as its own sequence, ``parallel`` at a time: a finished
+        sequence's slot takes the next request in order. Each step is one
+        ``llama_decode`` of one token per live sequence; its time is shared
+        equally among them, so the responses' seconds add up to the wall time."""
+        sequences = [_Sequence(self, index, request) for index, request in enumerate(requests)]
+        waiting = list(reversed(sequences))
+        free = list(reversed(range(self.parallel)))  # slot (sequence id) 0 first
+        live: list[_Sequence] = []
+        try:
+            while waiting or live:
+                while waiting and free:
+                    sequence = waiting.pop()
+                    sequence.slot = free.pop()
+                    self._evaluate_prompt(sequence)
+                    if sequence.advance():
+                        live.append(sequence)
+                    else:
+                        free.append(sequence.slot)
+                if not live:
+                    continue
+                live.sort(key=lambda s: s.slot)
+                tick = time.perf_counter()
+                for i, sequence in enumerate(live):
+                    self._batch_token[i] = sequence.next_token
+                    self._batch_pos[i] = sequence.n_past
+                    self._batch_seq[i][0] = sequence.slot
+                    self._batch_logits[i] = 1
+                self._decode(len(live))
+                share = (time.perf_counter() - tick) / len(live)
+                still = []
+                for i, sequence in enumerate(live):
+                    sequence.n_past += 1
+                    sequence.eval_seconds += share
+                    sequence.logits = self._logits(i)
+                    if sequence.advance():
+                        still.append(sequence)
+                    else:
+                        free.append(sequence.slot)
+                live = still
+        finally:
+            for sequence in sequences:
+                sequence.give_back()
+        return [sequence.response() for sequence in sequences]
 
-    def _generate_one(self, request: Request) -> Response:
+    def _evaluate_prompt(self, sequence: "_Sequence") -> None:
+        """The prompt alone (never in one decode with another request's tokens),
+        in chunks of PROMPT_CHUNK, after the longest prefix it shares with a
+        prompt whose KV a slot still holds (this slot's last one, or another
+        slot's, copied): with flash attention off, a prompt's logits do not
+        depend on how it is split, as long as no piece is a single token."""
+        lib = self._lib
+        tick = time.perf_counter()
+        memory = lib.llama_get_memory(self._ctx)
+        prompt, slot = sequence.prompt, sequence.slot
+        source, shared = self._shared_prefix(prompt)
+        if shared and source != slot:
+            lib.llama_memory_seq_rm(memory, slot, -1, -1)
+            lib.llama_memory_seq_cp(memory, source, slot, -1, -1)  # across KV streams: the whole stream
+        lib.llama_memory_seq_rm(memory, slot, shared if shared else -1, -1)
+        self._held[slot] = []  # until the whole prompt is in: a failed decode leaves no false claim
+        self.prefix_tokens_reused += shared
+        start = shared
+        while start < len(prompt):
+            chunk = prompt[start : start + PROMPT_CHUNK]
+            n = len(chunk)
+            self._batch_token[:n] = chunk
+            self._batch_pos[:n] = np.arange(start, start + n)
+            self._batch_logits[:n] = 0
+            for i in range(n):
+                self._batch_seq[i][0] = slot
+            last = start + n == len(prompt)
+            if last:
+                self._batch_logits[n - 1] = 1
+            self._decode(n)
+            start += n
+        self._held[slot] = prompt
+        sequence.n_past = len(prompt)
+        sequence.logits = self._logits(n - 1)
+        sequence.prompt_seconds = time.perf_counter() - tick
+
+    def _shared_prefix(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, tokens): the slot whose held prompt shares the most leading
+        tokens with this one, and how many may be reused: at least
+        MIN_SHARED_PREFIX, and never the last two (so the rest is evaluated
+        in pieces of two tokens or more)."""
+        best_slot, best = -1, 0
+        for slot, held in enumerate(self._held):
+            n = _common_prefix(held, prompt)
+            if n > best:
+                best_slot, best = slot, n
+        best = min(best, len(prompt) - 2)
+        return (best_slot, best) if best >= MIN_SHARED_PREFIX else (-1, 0)
+
+    def _decode(self, n: int) -> None:
+        self._batch.n_tokens = n
+        code = self._lib.llama_decode(self._ctx, self._batch)
+        if code != 0:
+            raise ModelError(f"llama_decode failed with code {code} ({n} tokens, {self.parallel} sequences)")
+
+    def _logits(self, i: int) -> np.ndarray:
+        # A view, valid until the next llama_decode: each sequence samples from it first.
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    differ = np.flatnonzero(x != y)
+    return int(differ[0]) if differ.size else n
+
+
+class _Sequence:
+    """One request being decoded: its prompt, constraint, RNG, tokens and timings."""
+
+    def __init__(self, model: LlamaCppModel, index: int, request: Request):
         started = time.perf_counter()
-        prompt = self.tokenize_prompt(request.messages)
-        budget = self.n_ctx - len(prompt)
+        self.model, self.index, self.request = model, index, request
+        self.prompt = model.tokenize_prompt(request.messages)
+        budget = model.n_ctx - len(self.prompt)
         if budget <= 0:
-            raise ModelError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
-        max_tokens = min(request.max_tokens, budget)
-        matcher = self.matcher(request.schema) if request.schema is not None else None
-        words = self._mask_words
-        rng = np.random.Generator(np.random.PCG64(request.seed))
-        llm, lib, ctx, n_vocab = self.llm, self._lib, self.llm._ctx.ctx, self.n_vocab
-        set_up = time.perf_counter()
-        llm.reset()
-        llm.eval(prompt)
-        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-        decoding = time.perf_counter()
-        eval_seconds = 0.0
-        out: list[int] = []
-        finish = "length"
-        for _ in range(max_tokens):
-            if matcher is None:
-                ids = top_candidates(logits)
-            else:
-                if matcher.is_stopped():
-                    if matcher.is_error():
-                        raise ModelError(f"constraint failed: {matcher.get_error()}")
-                    finish = "stop"
-                    break
-                matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-                ids = allowed_candidates(logits, words)
-                if ids.size == 0:
-                    raise ModelError(f"constraint allows no token: {matcher.get_error() or 'empty mask'}")
-            token = sample_candidates(ids, logits[ids], request.temperature, request.top_p, rng)
-            if matcher is not None and not matcher.consume_token(token):
-                raise ModelError(f"constraint rejected token {token}: {matcher.get_error()}")
-            if lib.llama_vocab_is_eog(self._vocab, token):
-                finish = "stop"
-                break
-            out.append(token)
-            if matcher is not None and matcher.is_stopped():  # the answer is complete: no logits needed after it
-                finish = "stop"
-                break
-            if len(out) == max_tokens:  # cut off: the same
-                break
-            tick = time.perf_counter()
-            llm.eval([token])
-            # Reading the logits waits for llama.cpp to finish the token: model time too.
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-            eval_seconds += time.perf_counter() - tick
-        text = llm.detokenize(out).decode("utf-8", errors="replace")
-        finished = time.perf_counter()
+            raise ModelError(f"prompt of {len(self.prompt)} tokens does not fit the context of {model.n_ctx}")
+        self.max_tokens = min(request.max_tokens, budget)
+        self.matcher = model.matcher(request.schema) if request.schema is not None else None
+        self.words = np.zeros((model.n_vocab + 31) // 32, dtype="<u4") if self.matcher is not None else None
+        self.rng = np.random.Generator(np.random.PCG64(request.seed))
+        self.out: list[int] = []
+        self.finish = "length"
+        self.slot = -1
+        self.n_past = 0
+        self.next_token = -1
+        self.logits: np.ndarray | None = None
+        self.setup_seconds = time.perf_counter() - started
+        self.prompt_seconds = self.eval_seconds = self.sample_seconds = 0.0
+
+    def advance(self) -> bool:
+        """Pick the next token from the current logits; True while the
+        sequence needs that token evaluated, False once it is finished."""
+        tick = time.perf_counter()
+        try:
+            return self._advance()
+        finally:
+            self.sample_seconds += time.perf_counter() - tick
+
+    def _advance(self) -> bool:
+        matcher, logits = self.matcher, self.logits
+        if matcher is None:
+            ids = top_candidates(logits)
+        else:
+            if matcher.is_stopped():
+                if matcher.is_error():
+                    raise ModelError(f"constraint failed: {matcher.get_error()}")
+                self.finish = "stop"
+                return False
+            matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+            ids = allowed_candidates(logits, self.words)
+            if ids.size == 0:
+                raise ModelError(f"constraint allows no token: {matcher.get_error() or 'empty mask'}")
+        request = self.request
+        token = sample_candidates(ids, logits[ids], request.temperature, request.top_p, self.rng)
+        if matcher is not None and not matcher.consume_token(token):
+            raise ModelError(f"constraint rejected token {token}: {matcher.get_error()}")
+        if self.model._lib.llama_vocab_is_eog(self.model._vocab, token):
+            self.finish = "stop"
+            return False
+        self.out.append(token)
+        if matcher is not None and matcher.is_stopped():  # the answer is complete: no logits needed after it
+            self.finish = "stop"
+            return False
+        if len(self.out) >= self.max_tokens:  # cut off: the same
+            return False
+        self.next_token = token
+        return True
+
+    def give_back(self) -> None:
+        if self.matcher is not None:
+            self.model.release(self.request.schema, self.matcher)
+            self.matcher = None
+
+    def response(self) -> Response:
+        setup, prompt, decode = self.setup_seconds, self.prompt_seconds, self.eval_seconds + self.sample_seconds
         return Response(
-            text=text,
-            completion_tokens=len(out),
-            prompt_tokens=len(prompt),
-            seconds=finished - started,
-            finish_reason=finish,
+            text=self.model.llm.detokenize(self.out).decode("utf-8", errors="replace"),
+            completion_tokens=len(self.out),
+            prompt_tokens=len(self.prompt),
+            seconds=setup + prompt + decode,
+            finish_reason=self.finish,
             # Where the time went: set-up (template, tokens, constraint), the
-            # prompt, the decode loop, and llama.cpp's own share of that loop.
-            extra={
-                "setup_seconds": set_up - started,
-                "prompt_seconds": decoding - set_up,
-                "decode_seconds": finished - decoding,
-                "eval_seconds": eval_seconds,
-            },
+            # prompt, the decode loop, and this sequence's share of llama.cpp's
+            # steps within that loop.
+            extra={"setup_seconds": setup, "prompt_seconds": prompt, "decode_seconds": decode, "eval_seconds": self.eval_seconds},
         )
+
+
+def kv_bytes_per_token(lib, model, meta: dict[str, str]) -> int:
+    """Bytes of f16 K and V cache one token takes over all layers."""
+    n_embd, n_head = lib.llama_model_n_embd(model), max(1, lib.llama_model_n_head(model))
+    n_head_kv, n_layer = lib.llama_model_n_head_kv(model), lib.llama_model_n_layer(model)
+    arch = meta.get("general.architecture", "")
+    k = int(meta.get(f"{arch}.attention.key_length", n_embd // n_head))
+    v = int(meta.get(f"{arch}.attention.value_length", n_embd // n_head))
+    return n_layer * n_head_kv * (k + v) * 2
+
+
+def memory_available() -> int:
+    """MemAvailable from /proc/meminfo; the total physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # -- constraint plumbing -------------------------------------------------------

@@ -15,6 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from treesynth.store.keys import canonical_json
 from treesynth.models.embedded import gemma_path
 from treesynth.engine import prompts
 from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
@@ -36,7 +37,7 @@ PIVOTS = [{"text": "Sam has 5 apples and buys 3 more. How many now?"}, {"text": 
 
 @pytest.fixture(scope="module")
 def smollm() -> LlamaCppModel:
-    return LlamaCppModel(default_model_path(), n_ctx=2048, threads=1)
+    return LlamaCppModel(default_model_path(), n_ctx=2048, threads=1, parallel=2)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_a_reused_compiled_schema_gives_the_same_answer_as_a_fresh_compile(smoll
     reused = smollm.generate([call])[0].text  # the cached matcher, reset
     fresh = LlamaCppModel(default_model_path(), n_ctx=2048, threads=1)  # nothing cached
     assert reused == first == fresh.generate([call])[0].text
-    assert len(smollm._matchers) >= 2 and len(fresh._matchers) == 1
+    assert len(smollm._grammars) >= 2 and len(fresh._grammars) == 1
 
 
 def test_a_schema_is_compiled_once_and_its_matcher_reused(smollm):
@@ -106,10 +107,16 @@ def test_a_schema_is_compiled_once_and_its_matcher_reused(smollm):
     # a timed assertion on a shared machine tests the machine.
     call = engine_requests()["leaf"]
     smollm.generate([dataclasses.replace(call, max_tokens=1)])
-    cached = dict(smollm._matchers)
+    grammars = dict(smollm._grammars)
+    key = canonical_json(call.schema)
+    [idle] = smollm._idle_matchers[key]
     smollm.generate([dataclasses.replace(call, max_tokens=1)])
-    assert smollm._matchers.keys() == cached.keys()
-    assert all(smollm._matchers[k] is cached[k] for k in cached)
+    assert smollm._grammars.keys() == grammars.keys()
+    assert all(smollm._grammars[k] is grammars[k] for k in grammars)
+    assert smollm._idle_matchers[key] == [idle]  # the same matcher, taken, reset and given back
+    # Two sequences of one schema at once need two matchers; both are kept.
+    smollm.generate([dataclasses.replace(call, max_tokens=1), dataclasses.replace(call, max_tokens=1, seed=99)])
+    assert len(smollm._idle_matchers[key]) == 2
 
 
 def test_our_tokenizer_matches_llguidances_own(smollm):
