@@ -1,36 +1,66 @@
-"""A model call through the store's call log: the one place where a call is
+"""Model calls through the store's call log: the one place where a call is
 keyed and a finished call is answered from the store instead of the model."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from treesynth.models.base import Model, Request, Response
 from treesynth.store import CallRecord, Store
 from treesynth.store.keys import call_key
 
 
+@dataclass(frozen=True)
+class KeyedCall:
+    key: str
+    request: Request
+    where: dict[str, Any]  # node, role, step, attempt
+    stored: dict[str, Any] | None  # the call log's row, when the call was made before
+
+
+def look_up(store: Store, fingerprint: dict[str, Any], calls: Sequence[tuple[Request, dict[str, Any]]]) -> list[KeyedCall]:
+    """Each call (a request and where it belongs) with its key and, when the
+    store's call log has it, its stored answer."""
+    keyed = []
+    for request, where in calls:
+        key = call_key(fingerprint, request.key_material())
+        keyed.append(KeyedCall(key, request, where, store.cached_call(key)))
+    return keyed
+
+
+def answer(model: Model, calls: Sequence[KeyedCall]) -> list[tuple[CallRecord | None, Response, bool]]:
+    """Per call: its record to commit (None for a call replayed from the
+    store: it is there already), its response, and whether it was replayed.
+    The calls the store cannot answer go to the model in one ``generate``,
+    in the order given."""
+    missing = [call.request for call in calls if call.stored is None]
+    fresh = iter(model.generate(missing) if missing else [])
+    answered = []
+    for call in calls:
+        row = call.stored
+        if row is not None:
+            response = Response(row["response"], row["completion_tokens"], row["prompt_tokens"], row["seconds"], row["finish_reason"])
+            answered.append((None, response, True))
+            continue
+        response = next(fresh)
+        record = CallRecord(
+            key=call.key,
+            request=call.request.key_material(),
+            response=response.text,
+            completion_tokens=response.completion_tokens,
+            prompt_tokens=response.prompt_tokens,
+            seconds=response.seconds,
+            finish_reason=response.finish_reason,
+            **call.where,
+        )
+        answered.append((record, response, False))
+    return answered
+
+
 def answer_call(
     model: Model, store: Store, fingerprint: dict[str, Any], request: Request, *, node: str, role: str, step: str, attempt: int
-) -> tuple[CallRecord, Response, bool]:
-    """(the call's record to commit, its response, whether it was replayed from the store)."""
-    key = call_key(fingerprint, request.key_material())
-    row = store.cached_call(key)
-    if row is not None:
-        response = Response(row["response"], row["completion_tokens"], row["prompt_tokens"], row["seconds"], row["finish_reason"])
-    else:
-        response = model.generate([request])[0]
-    record = CallRecord(
-        key=key,
-        node=node,
-        role=role,
-        step=step,
-        attempt=attempt,
-        request=request.key_material(),
-        response=response.text,
-        completion_tokens=response.completion_tokens,
-        prompt_tokens=response.prompt_tokens,
-        seconds=response.seconds,
-        finish_reason=response.finish_reason,
-    )
-    return record, response, row is not None
+) -> tuple[CallRecord | None, Response, bool]:
+    """One call, looked up and answered."""
+    where = {"node": node, "role": role, "step": step, "attempt": attempt}
+    return answer(model, look_up(store, fingerprint, [(request, where)]))[0]

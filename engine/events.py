@@ -22,6 +22,13 @@ class CallFinished:
 
 
 @dataclass(frozen=True)
+class BatchStarted:
+    calls: int  # calls of the batch
+    sent: int  # of them, going to the model (the rest are answered from the store)
+    in_flight: int  # sequences the model decodes at once
+
+
+@dataclass(frozen=True)
 class AnswerRejected:
     node: str
     step: str
@@ -88,6 +95,6 @@ class RunFinished:
 
 
 Event = (
-    RunStarted | CallFinished | AnswerRejected | CriterionChosen | NodeSplit | NodeBecameLeaf | TreeBuilt
+    RunStarted | CallFinished | BatchStarted | AnswerRejected | CriterionChosen | NodeSplit | NodeBecameLeaf | TreeBuilt
     | LeafCallDone | TopUp | RunFinished
 )

@@ -20,6 +20,7 @@ class Renderer:
         self.leaves = 0
         self.samples = 0
         self.dropped = 0
+        self.in_flight = 0
         self.started = time.perf_counter()
         self.progress = Progress(
             SpinnerColumn(),
@@ -44,7 +45,10 @@ class Renderer:
 
     def _info(self) -> str:
         rate = self.tokens / self.model_seconds if self.model_seconds else 0.0
-        return f"split {self.nodes_split} · leaves {self.leaves} · samples {self.samples} (dropped {self.dropped}) · {rate:.0f} tok/s"
+        return (
+            f"split {self.nodes_split} · leaves {self.leaves} · samples {self.samples} (dropped {self.dropped}) · "
+            f"{self.in_flight} in flight · {rate:.0f} tok/s"
+        )
 
     def log(self, message: str) -> None:
         if not self.live:
@@ -55,6 +59,8 @@ class Renderer:
             case ev.RunStarted(resumed=True, nodes=nodes, samples=samples):
                 self.samples = samples
                 self.log(f"continuing: {nodes} nodes and {samples} samples already in the store")
+            case ev.BatchStarted(in_flight=in_flight):
+                self.in_flight = in_flight
             case ev.CallFinished(completion_tokens=tokens, seconds=seconds, replayed=False):
                 self.tokens += tokens
                 self.model_seconds += seconds

@@ -1,24 +1,37 @@
 """The breadth-first TreeSynth driver over three seams: a model, a store and
 an independent sentence embedder.
 
-Level by level, nodes in path order: pivot samples -> criterion
-determination -> subspace coverage -> children; then the leaf plan; then leaf
-synthesis, one committed transaction per leaf request. Every model call is
-keyed by its content and answered from the store's call log when it is there,
-so a rerun after a crash replays finished calls instead of sending them
-again. What the embedder decides (the criterion among candidates, the samples
-kept) is described in engine/selection.py."""
+Level by level: pivot samples -> criterion determination -> subspace
+coverage -> children for every node of the level; then the leaf plan; then
+leaf synthesis, one committed transaction per leaf request. Every model call
+is keyed by its content and answered from the store's call log when it is
+there, so a rerun after a crash replays finished calls instead of sending
+them again. What the embedder decides (the criterion among candidates, the
+samples kept) is described in engine/selection.py.
+
+The driver gathers, the backend batches: each node's step is a generator
+that yields the calls it needs (``Ask``) and gets their answers back, so
+the calls of every node of a level, or of every leaf, go to the model
+together (``_drive``). Which calls a step makes never depends on how they
+are grouped: the steps' calls go out round by round (a round is a step's
+place in its node's life: its pivot attempt, criterion attempt or coverage
+round, or a leaf's request index), in path order within a round, cut into
+batches of a fixed size; answers are handed back in that order. So the
+near-duplicate filter, shared by all leaves, sees samples in the same order
+at every ``--parallel``, and a resumed run sends what is left in the order a
+fresh run would."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Generator, Iterator
 
 from treesynth.engine import events as ev
 from treesynth.engine import checks, prompts
-from treesynth.engine.calls import answer_call
+from treesynth.engine.calls import answer, look_up
 from treesynth.engine.checks import clean, copied_problem, criterion_problem, path_value_problem, usable_values, words_of
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import (
@@ -37,8 +50,24 @@ from treesynth.models.base import Model, Request, Response
 from treesynth.store import Step, Store
 from treesynth.store.keys import canonical_json, content_key, derive_seed, node_key
 
-Events = Generator[ev.Event, None, Any]
+Events = Generator[Any, Any, Any]  # yields events and Asks; an Ask is sent back its answers
 LEAF_STATES = ("leaf", "planned", "done")
+# Requests per batch handed to the model, per sequence it decodes at once: a
+# slot that finishes early takes the next request of the batch; answers are
+# committed when the whole batch is back.
+BATCH_PER_SEQUENCE = 4
+
+
+@dataclass(frozen=True)
+class Ask:
+    """Calls a node step needs answered before it can go on, in the order its
+    answers come back. ``order`` is (round, path position); the round counts
+    the step's place in the node's life (pivot attempt, then criterion
+    attempt, then coverage round; a leaf's request index), so a fresh and a
+    resumed run send their calls in the same order."""
+
+    order: tuple[int, str]
+    calls: tuple[tuple[Request, dict[str, Any]], ...]  # (request, where it belongs: node, role, step, attempt)
 
 
 class TreeSynth:
@@ -55,6 +84,8 @@ class TreeSynth:
         self.calls_sent = 0
         self.calls_replayed = 0
         self.model_seconds = 0.0
+        self.parallel = max(1, int(getattr(model, "parallel", 1)))
+        self.batch_size = BATCH_PER_SEQUENCE * self.parallel
 
     # -- driver --------------------------------------------------------
 
@@ -66,8 +97,7 @@ class TreeSynth:
         if not resumed:
             self._commit(Step(new_nodes=[self._new_node(None, [], 0, leaf=self.config.depth == 0)]))
         for depth in range(self.config.depth):
-            for node in self.store.nodes(("open", "pivoted", "criterion"), depth=depth):
-                yield from self._split(node)
+            yield from self._drive([self._split(node) for node in self.store.nodes(("open", "pivoted", "criterion"), depth=depth)])
         if self.store.nodes(("leaf",)):
             self._plan()
         self.filter.load((_text_of(data), vector) for data, vector in self.store.kept_texts())
@@ -110,25 +140,33 @@ class TreeSynth:
 
     def _pivot_samples(self, node: dict[str, Any]) -> Events:
         """``pivots`` samples of the node's subspace, ``samples_per_request``
-        per request, each request its own seed and its own draw of infinite values."""
+        per request, each request its own seed and its own draw of infinite
+        values. All requests are asked at once; one whose answer is unusable is
+        asked again (a new attempt) with the others still missing."""
         wanted, per_request = self.config.pivots, self.config.samples_per_request
-        pivots: list[dict] = []
-        for index in range(math.ceil(wanted / per_request)):
-            n = min(per_request, wanted - len(pivots))
-            step = f"pivots:{index}"
-            for attempt in range(self.config.call_retries):
+        sizes = [min(per_request, wanted - start) for start in range(0, wanted, per_request)]
+        got: dict[int, list[dict]] = {}
+        for attempt in range(self.config.call_retries):
+            missing = [index for index in range(len(sizes)) if index not in got]
+            if not missing:
+                break
+            calls = []
+            for index in missing:
+                step = f"pivots:{index}"
                 attributes = self._attributes(node, step, attempt)
-                messages = prompts.pivots_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.pivots)
-                schema = request_schema(self.config.sample_schema, n)
-                call, response = yield from self._call(node, "pivots", step, attempt, messages, schema, self.config.temperature.pivots)
+                messages = prompts.pivots_messages(self.config.description, attributes, self.config.sample_schema, sizes[index], self.config.prompts.pivots)
+                calls.append(self._request(node, "pivots", step, attempt, messages, request_schema(self.config.sample_schema, sizes[index]), self.config.temperature.pivots))
+            answers = yield Ask((attempt, node["position"]), tuple(calls))
+            for index, (call, response) in zip(missing, answers):
                 self._commit(Step(call=call))
-                samples = parse_samples(response.text, n)
+                samples = parse_samples(response.text, sizes[index])
                 if samples is not None:
-                    pivots += samples
-                    break
-                yield ev.AnswerRejected(node["key"], step, attempt, _unusable(response))
-            else:
-                return (yield from self._become_leaf(node, f"no usable pivot samples in {self.config.call_retries} attempts"))
+                    got[index] = samples
+                else:
+                    yield ev.AnswerRejected(node["key"], f"pivots:{index}", attempt, _unusable(response))
+        if len(got) < len(sizes):
+            return (yield from self._become_leaf(node, f"no usable pivot samples in {self.config.call_retries} attempts"))
+        pivots = [sample for index in range(len(sizes)) for sample in got[index]]
         self._commit(Step(node_updates={node["key"]: {"state": "pivoted", "pivots": canonical_json(pivots)}}))
         return {**node, "state": "pivoted", "pivots": pivots}
 
@@ -143,30 +181,35 @@ class TreeSynth:
         example_words = prompts.shot_words()
         candidates: list[tuple[float, int, str, list[str]]] = []
         problem = "no attempt"
-        for attempt in range(self.config.criterion_retries):
-            attributes = self._attributes(node, "criterion", attempt)
-            messages = prompts.criterion_messages(
-                self.config.description, attributes, pivots, used, self.config.prompts.criterion, attempt
-            )
-            call, response = yield from self._call(node, "criterion", "criterion", attempt, messages, schema, self.config.temperature.criterion)
-            self._commit(Step(call=call))
-            answer = _parse_json(response)
-            if not isinstance(answer, dict) or len(answer.get("labels", [])) != len(pivots):
-                problem = _unusable(response)
-            else:
-                dimension, labels = clean(answer["dimension"]), [clean(v) for v in answer["labels"]]
-                problem = (
-                    criterion_problem(dimension, labels, used, self.words, echo)
-                    or copied_problem(labels, example_words, own_words)
-                    or path_value_problem(labels, node["path"])
-                )
-                if problem is None:
-                    score = criterion_score(dimension, labels, self.config.description, self.embedder)
-                    candidates.append((score, attempt, dimension, labels))
-                    if len(candidates) == self.config.criterion_candidates:
-                        break
-                    continue
-            yield ev.AnswerRejected(node["key"], "criterion", attempt, problem)
+        attempt, wanted, retries = 0, self.config.criterion_candidates, self.config.criterion_retries
+        while attempt < retries and len(candidates) < wanted:
+            # As many attempts at once as usable answers are still wanted: each
+            # is needed even if all are usable, so none is made in vain.
+            attempts = range(attempt, min(retries, attempt + wanted - len(candidates)))
+            calls = []
+            for a in attempts:
+                attributes = self._attributes(node, "criterion", a)
+                messages = prompts.criterion_messages(self.config.description, attributes, pivots, used, self.config.prompts.criterion, a)
+                calls.append(self._request(node, "criterion", "criterion", a, messages, schema, self.config.temperature.criterion))
+            answers = yield Ask((self.config.call_retries + attempts.start, node["position"]), tuple(calls))
+            for a, (call, response) in zip(attempts, answers):
+                self._commit(Step(call=call))
+                answer = _parse_json(response)
+                if not isinstance(answer, dict) or len(answer.get("labels", [])) != len(pivots):
+                    problem = _unusable(response)
+                else:
+                    dimension, labels = clean(answer["dimension"]), [clean(v) for v in answer["labels"]]
+                    problem = (
+                        criterion_problem(dimension, labels, used, self.words, echo)
+                        or copied_problem(labels, example_words, own_words)
+                        or path_value_problem(labels, node["path"])
+                    )
+                    if problem is None:
+                        score = criterion_score(dimension, labels, self.config.description, self.embedder)
+                        candidates.append((score, a, dimension, labels))
+                        continue
+                yield ev.AnswerRejected(node["key"], "criterion", a, problem)
+            attempt = attempts.stop
         if not candidates:
             return (yield from self._become_leaf(node, f"no usable criterion in {self.config.criterion_retries} attempts; last: {problem}"))
         score, attempt, dimension, labels = max(candidates, key=lambda c: (c[0], -c[1]))
@@ -188,7 +231,8 @@ class TreeSynth:
             messages = prompts.coverage_messages(
                 self.config.description, attributes, dimension, values, self.config.prompts.coverage, round_
             )
-            call, response = yield from self._call(node, "coverage", f"coverage:{round_}", 0, messages, schema, self.config.temperature.coverage)
+            request = self._request(node, "coverage", f"coverage:{round_}", 0, messages, schema, self.config.temperature.coverage)
+            [(call, response)] = yield Ask((self.config.call_retries + self.config.criterion_retries + round_, node["position"]), (request,))
             answer = _parse_json(response)
             if not isinstance(answer, dict) or answer.get("status") not in COVERAGE_STATUSES:
                 yield ev.AnswerRejected(node["key"], f"coverage:{round_}", 0, _unusable(response))
@@ -256,8 +300,7 @@ class TreeSynth:
         self._commit(Step(node_updates=updates))
 
     def _synthesise_planned(self) -> Events:
-        for leaf in self.store.nodes(("planned",)):
-            yield from self._synthesise(leaf)
+        yield from self._drive([self._synthesise(leaf) for leaf in self.store.nodes(("planned",))])
 
     def _top_up(self) -> Events:
         """--samples N: while the run holds fewer than N samples, ask the
@@ -301,7 +344,10 @@ class TreeSynth:
             attributes = draw_attributes(leaf["path"], derive_seed(self.config.seed, leaf["key"], step, 0))
             messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.leaf)
             schema = request_schema(self.config.sample_schema, n)
-            call, response = yield from self._call(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf)
+            request = self._request(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf)
+            # Ordered by request index first: the filter sees every leaf's first
+            # request before any leaf's second, fresh or resumed.
+            [(call, response)] = yield Ask((index, leaf["position"]), (request,))
             samples = parse_samples(response.text, n)
             rows, dropped = [], []
             if samples is None:
@@ -369,7 +415,7 @@ class TreeSynth:
             "state": "leaf" if leaf else "open",
         }
 
-    def _call(self, node, role: str, step: str, attempt: int, messages, schema, temperature: float) -> Events:
+    def _request(self, node, role: str, step: str, attempt: int, messages, schema, temperature: float) -> tuple[Request, dict[str, Any]]:
         request = Request(
             messages=messages,
             schema=schema,
@@ -378,18 +424,54 @@ class TreeSynth:
             top_p=self.config.top_p,
             seed=derive_seed(self.config.seed, node["key"], step, attempt),
         )
-        call, response, replayed = answer_call(
-            self.model, self.store, self.fingerprint, request, node=node["key"], role=role, step=step, attempt=attempt
-        )
-        if replayed:
-            self.calls_replayed += 1
-        else:
-            self.calls_sent += 1
-            self.model_seconds += response.seconds
-        yield ev.CallFinished(role, node["key"], response.completion_tokens, response.seconds, replayed)
-        return call, response
+        return request, {"node": node["key"], "role": role, "step": step, "attempt": attempt}
+
+    # -- gathering and batching -------------------------------------------------
+
+    def _drive(self, steps: list[Events]) -> Iterator[ev.Event]:
+        """Run node steps side by side. Each turn takes the waiting steps of
+        the lowest round, in path order, cuts their calls into batches of at
+        most ``batch_size`` (a step's calls stay together), and hands each
+        batch's answers back in that order; a step that asks again waits for
+        a later turn."""
+        waiting: list[tuple[Ask, Events]] = []
+        for step in steps:
+            ask = yield from _advance(step, None)
+            if ask is not None:
+                waiting.append((ask, step))
+        while waiting:
+            waiting.sort(key=lambda item: item[0].order)
+            first = waiting[0][0].order[0]
+            now = [item for item in waiting if item[0].order[0] == first]
+            waiting = [item for item in waiting if item[0].order[0] != first]
+            for batch in _batches(now, self.batch_size):
+                answers = yield from self._answer([call for ask, _ in batch for call in ask.calls])
+                for ask, step in batch:
+                    mine, answers = answers[: len(ask.calls)], answers[len(ask.calls) :]
+                    again = yield from _advance(step, mine)
+                    if again is not None:
+                        waiting.append((again, step))
+
+    def _answer(self, calls: list[tuple[Request, dict[str, Any]]]) -> Iterator[ev.Event]:
+        """(call record, response) per call: from the store's call log, or from
+        the model, all unanswered ones in one ``generate``."""
+        keyed = look_up(self.store, self.fingerprint, calls)
+        sent = sum(1 for call in keyed if call.stored is None)
+        if sent:
+            yield ev.BatchStarted(calls=len(calls), sent=sent, in_flight=min(sent, self.parallel))
+        answered = answer(self.model, keyed)
+        for (call, response, replayed), (_, where) in zip(answered, calls):
+            if replayed:
+                self.calls_replayed += 1
+            else:
+                self.calls_sent += 1
+                self.model_seconds += response.seconds
+            yield ev.CallFinished(where["role"], where["node"], response.completion_tokens, response.seconds, replayed)
+        return [(call, response) for call, response, _ in answered]
 
     def _commit(self, step: Step) -> None:
+        if step == Step():  # a replayed call and nothing else: already in the store
+            return
         self.store.commit(step, self.session)
 
 
@@ -410,3 +492,32 @@ def _unusable(response: Response) -> str:
     if response.finish_reason == "length":
         return "answer cut off at max_tokens"
     return "answer is not valid JSON of the expected shape"
+
+
+def _advance(step: Events, answers) -> Iterator[ev.Event]:
+    """Run a node step until it asks for calls (its Ask is returned) or ends
+    (None), passing its events on."""
+    while True:
+        try:
+            item = step.send(answers)
+        except StopIteration:
+            return None
+        answers = None
+        if isinstance(item, Ask):
+            return item
+        yield item
+
+
+def _batches(items: list[tuple[Ask, Events]], size: int) -> Iterator[list[tuple[Ask, Events]]]:
+    """Consecutive groups of steps with at most ``size`` calls (or one step)."""
+    batch: list[tuple[Ask, Events]] = []
+    count = 0
+    for item in items:
+        n = len(item[0].calls)
+        if batch and count + n > size:
+            yield batch
+            batch, count = [], 0
+        batch.append(item)
+        count += n
+    if batch:
+        yield batch

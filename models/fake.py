@@ -21,7 +21,8 @@ WORDS = ("amber", "birch", "cobalt", "delta", "ember", "fjord", "garnet", "harbo
 
 
 class FakeModel:
-    def __init__(self, *, delay: float = 0.0, variant: int = 0, call_log: str | None = None):
+    def __init__(self, *, delay: float = 0.0, variant: int = 0, call_log: str | None = None, parallel: int = 1):
+        self.parallel = parallel  # batch size the driver aims at; answers come one at a time
         self.delay = delay
         self.variant = variant
         self.call_log = call_log

@@ -164,6 +164,11 @@ class ServerModel:
     def fingerprint(self) -> dict[str, Any]:
         return dict(self._fingerprint)
 
+    @property
+    def parallel(self) -> int:
+        """Requests in flight at once over all servers: the driver sizes its batches by it."""
+        return sum(self.concurrency(server) for server in self.servers)
+
     def concurrency(self, server: Server) -> int:
         """Requests in flight at once on a server: its slots where it reports them
         (capped by --server-parallel when given), else --server-parallel, else 1."""

@@ -106,6 +106,18 @@ def stored_requests(store: Path) -> set[str]:
         conn.close()
 
 
+def lost_in_flight(sent: list[str], stored: set[str]) -> list[str]:
+    """The requests a stopped run sent but did not store. Only the batch in
+    flight can be lost: they must be the last ones sent, at most one batch
+    (engine/tree.py: BATCH_PER_SEQUENCE per sequence; the fake model decodes one)."""
+    from treesynth.engine.tree import BATCH_PER_SEQUENCE
+
+    unstored = [r for r in sent if r not in stored]
+    assert unstored == sent[len(sent) - len(unstored) :], "a request before the last batch was not stored"
+    assert len(unstored) <= BATCH_PER_SEQUENCE, f"{len(unstored)} requests lost, more than one batch"
+    return unstored
+
+
 def calls_table(store: Path) -> list[tuple]:
     conn = connect_ro(store)
     try:

@@ -296,21 +296,38 @@ def test_max_samples_scales_the_allocation_exactly():
     assert all(all(1 <= n <= 10 for n in p) for p in plans)
 
 
-def test_breadth_first_order_level_by_level_in_path_order(store_path):
+def test_breadth_first_order_level_by_level_and_each_batch_in_path_order(store_path):
     model = FakeModel()
     cfg = config(depth=3, pivots=2, max_values=3, leaf_samples=1, infinite_samples=1, criterion_retries=12)
     store, events = run_engine(cfg, model, store_path)
     split_depths = [e.depth for e in events if isinstance(e, ev.NodeSplit)]
     assert split_depths == sorted(split_depths) and split_depths[-1] == 2
-    # Within a level, nodes are split in tree (path) order: the order of the
-    # engine's NodeSplit events, not the store's (which reads sorted).
+    # The calls of a batch go out in tree (path) order; a batch's calls are
+    # the CallFinished events between two BatchStarted events.
     position = {n["key"]: n["position"] for n in store.nodes()}
-    by_level: dict[int, list[str]] = {}
+    batches: list[list[str]] = []
     for e in events:
-        if isinstance(e, ev.NodeSplit):
-            by_level.setdefault(e.depth, []).append(position[e.node])
-    assert sum(map(len, by_level.values())) >= 3 and any(len(v) >= 2 for v in by_level.values())
-    assert all(v == sorted(v) for v in by_level.values())
+        if isinstance(e, ev.BatchStarted):
+            batches.append([])
+        elif isinstance(e, ev.CallFinished):
+            batches[-1].append(position[e.node])
+    several_nodes = [b for b in batches if len(set(b)) >= 2]
+    assert len(several_nodes) >= 3
+    assert all(b == sorted(b) for b in batches)
+
+
+def test_leaves_take_turns_every_first_request_before_any_second(store_path):
+    # Leaf requests are ordered by (request index, path position): the filter,
+    # shared by all leaves, sees samples in that order at every --parallel.
+    cfg = config(depth=1, pivots=3, max_values=10, leaf_samples=1, infinite_samples=1, samples=12)
+    store, events = run_engine(cfg, FakeModel(), store_path)
+    position = {n["key"]: n["position"] for n in store.nodes()}
+    order = [(e.call, position[e.node]) for e in events if isinstance(e, ev.LeafCallDone)]
+    leaves = {p for _, p in order}
+    assert len(leaves) >= 3 and max(c for c, _ in order) >= 1
+    assert order[: len(leaves)] == [(0, p) for p in sorted(leaves)]
+    first_round = [c for c, _ in order if c == 0]
+    assert order[len(first_round):][0][0] == 1 and sorted(order[: len(first_round)]) == order[: len(first_round)]
 
 
 def test_same_inputs_same_tree_and_bytes(tmp_path):
@@ -334,7 +351,11 @@ def test_rerun_on_a_finished_store_sends_nothing(store_path):
 
 
 def test_unusable_pivots_are_retried_then_the_node_becomes_a_leaf(store_path):
-    model = ScriptedModel(samples=lambda r, n: "{\"text\": \"cut" if n < 2 else samples(r, n), criterion=None, coverage=None)
-    store, events = run_engine(config(call_retries=2), model, store_path)
-    assert roles(store)["pivots"] == 2
+    # 3 pivot requests at once, then the 3 again: the first of them is cut off
+    # twice, so the node has no usable pivots after 2 attempts.
+    model = ScriptedModel(samples=lambda r, n: "{\"text\": \"cut" if n < 4 else samples(r, n), criterion=None, coverage=None)
+    store, events = run_engine(config(pivots=3, call_retries=2), model, store_path)
+    assert roles(store)["pivots"] == 6
+    rejected = [(e.step, e.attempt) for e in events if isinstance(e, ev.AnswerRejected)]
+    assert rejected[:4] == [("pivots:0", 0), ("pivots:1", 0), ("pivots:2", 0), ("pivots:0", 1)]
     assert "no usable pivot samples" in store.nodes(depth=0)[0]["reason"]
