@@ -8,6 +8,14 @@ STAMP := $(VENV)/.treesynth-installed
 
 .PHONY: setup run test bench quality clean
 
+# `make setup GPU=cuda` (or metal, vulkan): rebuild llama-cpp-python, same
+# version, with that GPU backend (needs its toolkit: CUDA's nvcc, Xcode,
+# the Vulkan SDK). --no-cache-dir: pip's cache holds the CPU build.
+GPU ?=
+GPU_CMAKE_cuda := -DGGML_CUDA=on
+GPU_CMAKE_metal := -DGGML_METAL=on
+GPU_CMAKE_vulkan := -DGGML_VULKAN=on
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -15,6 +23,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+ifneq ($(GPU),)
+	@test -n "$(GPU_CMAKE_$(GPU))" || { echo "GPU=$(GPU): choose cuda, metal or vulkan"; exit 2; }
+	CMAKE_ARGS="$(GPU_CMAKE_$(GPU))" $(BIN)/python -m pip install --force-reinstall --no-deps --no-cache-dir \
+		--no-binary llama-cpp-python "llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+	$(BIN)/python -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), 'built without a GPU backend'; print('llama.cpp GPU backend: ok')"
+endif
 
 # The demo: a small GSM8K-style dataset on the embedded model, offline.
 run: $(STAMP)

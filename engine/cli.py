@@ -61,7 +61,9 @@ def run(
     temperature_leaf: Optional[float] = typer.Option(None, "--temperature-leaf", help="[0.9]"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per answer [2048]."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads [half the cores] (does not change content)."),
-    n_ctx: int = typer.Option(4096, "--n-ctx", help="Model context size in tokens."),
+    n_ctx: int = typer.Option(4096, "--n-ctx", help="Model context size in tokens, per sequence."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Sequences a local model decodes at once [8] (does not change content; KV cache grows with it)."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers offloaded to the GPU, -1 for all [all where llama.cpp has a GPU backend, else 0]."),
     restart: bool = typer.Option(False, "--restart", help="Delete the existing store and start over."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before --restart deletes a store."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
@@ -94,10 +96,13 @@ def run(
             if restart and store.exists():
                 _restart(store, yes)
             embedder = load_embedder()
-            the_model = load_model_or_fail(model, threads, n_ctx, server_options(server, server_model, server_parallel, api_key_env, server_wait))
+            the_model = load_model_or_fail(
+                model, threads, n_ctx, server_options(server, server_model, server_parallel, api_key_env, server_wait), parallel, gpu_layers
+            )
             db, resumed = open_run_store(store, config, the_model.fingerprint, method_of(embedder))
             # Settings that do not change content: recorded per session, free to change between runs.
-            session = db.begin_session({"threads": threads, "progress": progress, "argv": sys.argv[1:]}, resumed)
+            settings = {"threads": threads, "parallel": getattr(the_model, "parallel", None), "progress": progress, "argv": sys.argv[1:]}
+            session = db.begin_session(settings, resumed)
         except USER_ERRORS as error:
             fail(str(error))
         from treesynth.engine.plan import plan as plan_of, summary_line
@@ -180,10 +185,10 @@ def _restart(path: Path, yes: bool) -> None:
         os.close(fd)
 
 
-def load_model_or_fail(spec, threads, n_ctx, server=None):
+def load_model_or_fail(spec, threads, n_ctx, server=None, parallel=None, gpu_layers=None):
     from treesynth.models.loader import load_model
 
-    return load_model(spec, threads=threads, n_ctx=n_ctx, server=server)
+    return load_model(spec, threads=threads, n_ctx=n_ctx, server=server, parallel=parallel, gpu_layers=gpu_layers)
 
 
 def server_options(urls, model, parallel, api_key_env, wait):

@@ -220,7 +220,7 @@ def register(app: typer.Typer) -> None:
             if with_probe:  # a model that cannot be loaded fails before anything is printed
                 started = time.perf_counter()
                 server = cli.server_options(values["server"], values["server_model"], values["server_parallel"], values["api_key_env"], values["server_wait"])
-                model = cli.load_model_or_fail(values["model"], values["threads"], values["n_ctx"], server)
+                model = cli.load_model_or_fail(values["model"], values["threads"], values["n_ctx"], server, values["parallel"], values["gpu_layers"])
                 load_seconds = time.perf_counter() - started
         except cli.USER_ERRORS as error:
             cli.fail(str(error))

@@ -86,9 +86,18 @@ def status_lines(store: Store) -> list[str]:
         f"dropped:     {_dropped_line(store)}",
         f"model calls: {counts['calls']} ({counts['tokens']} tokens, {counts['model_seconds']:.1f} s of model time)",
         f"sessions:    {counts['sessions']}",
+        f"decoding:    {_decoding(store, run['model'])}",
         f"finished:    {'yes' if is_finished(states) else 'no'}",
         f"eta:         {eta_text(config, progress(store), counts['calls'], counts['model_seconds'], is_finished(states))}",
     ]
+
+
+def _decoding(store: Store, model: dict[str, Any]) -> str:
+    """Where the layers run and how many sequences the last session decoded at once."""
+    sessions = store.sessions()
+    parallel = sessions[-1]["settings"].get("parallel") if sessions else None
+    at_once = f"{parallel} sequence{'s' if parallel != 1 else ''} at once" if parallel else "one request at a time"
+    return f"{at_once} (last session), {model.get('offload', 'cpu') if model.get('backend') == 'llama.cpp' else model.get('backend')}"
 
 
 def _dropped_line(store: Store) -> str:

@@ -48,13 +48,28 @@ def load_server(options: ServerOptions) -> Model:
     )
 
 
-def load_model(spec: str | None, *, threads: int | None = None, n_ctx: int = 4096, server: ServerOptions | None = None) -> Model:
+def load_model(
+    spec: str | None,
+    *,
+    threads: int | None = None,
+    n_ctx: int = 4096,
+    server: ServerOptions | None = None,
+    parallel: int | None = None,
+    gpu_layers: int | None = None,
+) -> Model:
+    """``parallel``: sequences a local model decodes at once (default:
+    ``default_parallel``); ``gpu_layers``: layers offloaded to a GPU (default:
+    all where llama.cpp has a GPU backend)."""
     if server is not None and server.urls:
         if spec:
             raise ModelError("give --model (a local GGUF) or --server (a model server), not both")
+        if parallel is not None or gpu_layers is not None:
+            raise ModelError("--parallel and --gpu-layers are for a local model; a server's concurrency is --server-parallel")
         return load_server(server)
     if server is not None and server.others_given():
         raise ModelError("--server-model, --server-parallel, --server-wait and --api-key-env go with --server URL")
+    if parallel is not None and parallel < 1:
+        raise ModelError(f"--parallel must be at least 1, not {parallel}")
     if spec and spec.startswith("fake:"):
         from treesynth.models.fake import FakeModel
 
@@ -64,11 +79,12 @@ def load_model(spec: str | None, *, threads: int | None = None, n_ctx: int = 409
                 delay=float(options.get("delay", 0)),
                 variant=int(options.get("variant", 0)),
                 call_log=options.get("log"),
+                parallel=parallel or 1,
             )
         except ValueError:
             raise ModelError(f"bad fake model options: {spec!r}") from None
     from treesynth.models.embedded import default_model_path
-    from treesynth.models.llamacpp import LlamaCppModel
+    from treesynth.models.llamacpp import LlamaCppModel, default_parallel
 
     path = Path(spec).expanduser() if spec else default_model_path()
-    return LlamaCppModel(path, n_ctx=n_ctx, threads=threads)
+    return LlamaCppModel(path, n_ctx=n_ctx, threads=threads, parallel=parallel or default_parallel(gpu_layers), gpu_layers=gpu_layers)

@@ -44,6 +44,20 @@ def test_bad_parameters(tmp_path, args, needles):
     assert not store.exists()
 
 
+def test_parallel_below_one_or_with_a_server_is_one_line(tmp_path):
+    store = tmp_path / "s.db"
+    assert_user_error(treesynth("run", DESC, "--store", str(store), "--model", "fake:", "--parallel", "0"), "--parallel must be at least 1")
+    result = treesynth("run", DESC, "--store", str(store), "--server", "http://127.0.0.1:9", "--parallel", "2")
+    assert_user_error(result, "--parallel and --gpu-layers are for a local model")
+    assert not store.exists()
+
+
+def test_parallel_too_large_for_memory_names_the_limit(tmp_path):
+    # 200 sequences of 32768 tokens: about 141 GiB of KV cache for the embedded model.
+    result = treesynth("run", DESC, "--store", str(tmp_path / "s.db"), "--parallel", "200", "--n-ctx", "32768")
+    assert_user_error(result, "--parallel 200 with --n-ctx 32768 needs", "of KV cache", "the limit is", "lower --parallel or --n-ctx")
+
+
 def test_model_path_that_does_not_exist(tmp_path):
     result = treesynth("run", DESC, "--store", str(tmp_path / "s.db"), "--model", str(tmp_path / "nope.gguf"))
     assert_user_error(result, "model file not found")

@@ -6,9 +6,11 @@ another new store is SIGKILLed at a few seeded moments (during model load,
 and at a random instant after the k-th stored call, usually mid-decode) and
 run again until it finishes. Its export must be byte-identical and its calls
 the same (two new stores, one seed: the same bytes); a run with another seed
-must differ. One thread per process: the thread count does not change
-outputs (tests/test_resume_real_model.py), and on a shared 2-core machine
-one thread each is fastest."""
+must differ. The uninterrupted run decodes at the default --parallel, the
+killed one at --parallel 3 (so kills land mid-batch), and one more at
+--parallel 1: all three give the same bytes. One thread per process: the
+thread count does not change outputs (tests/test_resume_real_model.py), and
+on a shared 2-core machine one thread each is fastest."""
 
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ OTHER_SEED = "2"
 KILL_SEED = 11
 
 
-def run_args(store: Path, seed: str = SEED) -> list[str]:
-    return ["run", *TASK, "--seed", seed, "--store", str(store)]
+KILLED_PARALLEL = "3"
+
+
+def run_args(store: Path, seed: str = SEED, parallel: str | None = None) -> list[str]:
+    return ["run", *TASK, "--seed", seed, "--store", str(store)] + (["--parallel", parallel] if parallel else [])
 
 
 def stored_calls(store: Path) -> int:
@@ -58,20 +63,23 @@ def wait_for_calls(proc, store: Path, count: int, timeout: float = 600) -> bool:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Uninterrupted runs with SEED and OTHER_SEED, each in a new store, started
-    together in the background so they decode while the crash series runs
-    (one thread each: three processes share two cores). Returns a function
-    that waits for a seed's run and gives its store."""
+    """Uninterrupted runs, each in a new store: SEED and OTHER_SEED at the
+    default --parallel, and SEED at --parallel 1; started together in the
+    background so they decode while the crash series runs (one thread each).
+    Returns a function that waits for a run and gives its store."""
     tmp = tmp_path_factory.mktemp("real-uninterrupted")
-    runs = {seed: (start(run_args(tmp / f"seed{seed}.db", seed), tmp / f"seed{seed}.txt"), tmp / f"seed{seed}.db") for seed in (SEED, OTHER_SEED)}
+    runs = {}
+    for seed, parallel in ((SEED, None), (OTHER_SEED, None), (SEED, "1")):
+        name = f"seed{seed}-parallel{parallel or 'default'}"
+        runs[seed, parallel] = (start(run_args(tmp / f"{name}.db", seed, parallel), tmp / f"{name}.txt"), tmp / f"{name}.db", tmp / f"{name}.txt")
 
-    def finished(seed: str) -> Path:
-        proc, store = runs[seed]
-        assert proc.wait(timeout=1200) == 0, (tmp / f"seed{seed}.txt").read_text()
+    def finished(seed: str, parallel: str | None = None) -> Path:
+        proc, store, out = runs[seed, parallel]
+        assert proc.wait(timeout=1800) == 0, out.read_text()
         return store
 
     yield finished
-    for proc, _ in runs.values():
+    for proc, _, _ in runs.values():
         kill(proc)
 
 
@@ -83,11 +91,11 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
     # stored call (of 35 with SEED), mid-decode more often than not.
     targets = sorted(rng.sample(range(1, 16), 3))
     kills = 0
-    proc = start(run_args(store), out)
+    proc = start(run_args(store, parallel=KILLED_PARALLEL), out)
     time.sleep(rng.uniform(0.2, 1.5))
     kills += kill(proc)
     for target in targets:
-        proc = start(run_args(store), out)
+        proc = start(run_args(store, parallel=KILLED_PARALLEL), out)
         if wait_for_calls(proc, store, target):
             time.sleep(rng.uniform(0.0, 1.5))
             if kill(proc):
@@ -95,7 +103,7 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
                 assert proc.returncode == -signal.SIGKILL
         if store.exists():
             assert consistency_problems(store, every_leaf_call_succeeds=False) == []
-    result = treesynth(*run_args(store))
+    result = treesynth(*run_args(store, parallel=KILLED_PARALLEL))
     assert result.returncode == 0, result.stderr
     assert kills >= 3, f"the run finished before its kill moments ({targets}); the tree of seed {SEED} got smaller"
     reference = uninterrupted(SEED)
@@ -118,3 +126,13 @@ def test_a_new_store_with_another_seed_gives_other_bytes(tmp_path, uninterrupted
     other_bytes = export_bytes(other, tmp_path / "other.jsonl")
     assert other_bytes and other_bytes != export_bytes(reference, tmp_path / "reference.jsonl")
     assert {row[0] for row in calls_table(other)}.isdisjoint(row[0] for row in calls_table(reference))
+
+
+def test_parallel_changes_neither_the_export_nor_the_calls(tmp_path, uninterrupted):
+    default, one = uninterrupted(SEED), uninterrupted(SEED, "1")
+    assert export_bytes(one, tmp_path / "one.jsonl") == export_bytes(default, tmp_path / "default.jsonl")
+    assert calls_table(one) == calls_table(default)
+    conn = sqlite3.connect(f"file:{default}?mode=ro", uri=True)
+    settings = conn.execute("SELECT settings FROM sessions").fetchone()[0]
+    conn.close()
+    assert '"parallel":8' in settings.replace(" ", "")  # the default, recorded with the session
