@@ -62,7 +62,7 @@ def run(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per answer [2048]."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads [half the cores] (does not change content)."),
     n_ctx: int = typer.Option(4096, "--n-ctx", help="Model context size in tokens, per sequence."),
-    parallel: Optional[int] = typer.Option(None, "--parallel", help="Sequences a local model decodes at once [8 on a CPU, 4 with layers on a GPU] (does not change content; KV cache grows with it)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Sequences a local model decodes at once [the embedded model: 8 on a CPU, 4 on a GPU; another model: 1] (see README: batch invariance)."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers offloaded to the GPU, -1 for all [all where llama.cpp has a GPU backend, else 0]."),
     restart: bool = typer.Option(False, "--restart", help="Delete the existing store and start over."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before --restart deletes a store."),
@@ -188,7 +188,10 @@ def _restart(path: Path, yes: bool) -> None:
 def load_model_or_fail(spec, threads, n_ctx, server=None, parallel=None, gpu_layers=None):
     from treesynth.models.loader import load_model
 
-    return load_model(spec, threads=threads, n_ctx=n_ctx, server=server, parallel=parallel, gpu_layers=gpu_layers)
+    def warn(line: str) -> None:
+        err.print(f"warning: {line}", highlight=False, markup=False)
+
+    return load_model(spec, threads=threads, n_ctx=n_ctx, server=server, parallel=parallel, gpu_layers=gpu_layers, warn=warn)
 
 
 def server_options(urls, model, parallel, api_key_env, wait):

@@ -56,10 +56,12 @@ def load_model(
     server: ServerOptions | None = None,
     parallel: int | None = None,
     gpu_layers: int | None = None,
+    warn=None,
 ) -> Model:
     """``parallel``: sequences a local model decodes at once (default:
-    ``default_parallel``); ``gpu_layers``: layers offloaded to a GPU (default:
-    all where llama.cpp has a GPU backend)."""
+    ``default_parallel``: 1 for a model other than the embedded one);
+    ``gpu_layers``: layers offloaded to a GPU (default: all where llama.cpp
+    has a GPU backend); ``warn``: called with a warning line."""
     if server is not None and server.urls:
         if spec:
             raise ModelError("give --model (a local GGUF) or --server (a model server), not both")
@@ -84,7 +86,10 @@ def load_model(
         except ValueError:
             raise ModelError(f"bad fake model options: {spec!r}") from None
     from treesynth.models.embedded import default_model_path
-    from treesynth.models.llamacpp import LlamaCppModel, default_parallel
+    from treesynth.models.llamacpp import UNCHECKED_PARALLEL, LlamaCppModel, default_parallel
 
     path = Path(spec).expanduser() if spec else default_model_path()
-    return LlamaCppModel(path, n_ctx=n_ctx, threads=threads, parallel=parallel or default_parallel(gpu_layers), gpu_layers=gpu_layers)
+    embedded = not spec or path.resolve() == default_model_path().resolve()
+    if parallel and parallel > 1 and not embedded and warn is not None:
+        warn(UNCHECKED_PARALLEL.format(parallel=parallel, name=path.name))
+    return LlamaCppModel(path, n_ctx=n_ctx, threads=threads, parallel=parallel or default_parallel(gpu_layers, embedded), gpu_layers=gpu_layers)

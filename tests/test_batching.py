@@ -128,3 +128,24 @@ def test_a_store_made_on_the_cpu_is_not_continued_with_layers_on_a_gpu(tmp_path,
     again, resumed = open_run_store(tmp_path / "cpu.db", config, alone.fingerprint, method)
     again.close()
     assert resumed
+
+
+def test_another_model_decodes_one_sequence_by_default_and_more_with_a_warning(tmp_path):
+    # Batch invariance was measured for the embedded model only (Gemma 3 270M
+    # Q4_K_M decoded differently among 7 neighbours): another GGUF gets
+    # --parallel 1 unless asked, and a warning when asked for more.
+    import shutil
+
+    from treesynth.models.llamacpp import DEFAULT_PARALLEL
+    from treesynth.models.loader import load_model
+
+    other = tmp_path / "another-model.gguf"
+    shutil.copyfile(default_model_path(), other)
+    warnings: list[str] = []
+    assert load_model(None, n_ctx=512, warn=warnings.append).parallel == DEFAULT_PARALLEL
+    assert load_model(str(default_model_path()), n_ctx=512, warn=warnings.append).parallel == DEFAULT_PARALLEL
+    assert load_model(str(other), n_ctx=512, warn=warnings.append).parallel == 1
+    assert warnings == []
+    assert load_model(str(other), n_ctx=512, parallel=3, warn=warnings.append).parallel == 3
+    [warning] = warnings
+    assert "--parallel 3 on another-model.gguf" in warning and "batch-invariant" in warning and "\n" not in warning
