@@ -140,6 +140,7 @@ class LlamaCppModel:
         parallel: int = 1,
         gpu_layers: int | None = None,
         kv_limit: int | None = None,
+        reuse_prefix: bool = True,
     ):
         path = Path(path)
         check_gguf(path)
@@ -155,6 +156,10 @@ class LlamaCppModel:
         if parallel > most:
             raise ModelError(f"--parallel {parallel} is more than llama.cpp's limit of {most} sequences in one context")
         self.parallel = parallel
+        # Start a prompt from KV another prompt left: splits the rest of the
+        # prompt differently, so only for models whose logits do not depend on
+        # the split (measured for the embedded model; see default_parallel).
+        self.reuse_prefix = reuse_prefix
         # Half the cores, as llama-cpp-python does: ggml's threads spin, and with
         # every core taken a busy machine made 2 threads 3-11x slower than 1.
         self.threads = threads or max(1, (os.cpu_count() or 1) // 2)
@@ -236,7 +241,7 @@ class LlamaCppModel:
             "kv": "per-sequence",
             "flash_attn": False,
             "prompt_chunk": PROMPT_CHUNK,
-            "prompt_prefix_reuse": MIN_SHARED_PREFIX,
+            "prompt_prefix_reuse": MIN_SHARED_PREFIX if reuse_prefix else 0,
             "offload": f"{self.gpu_layers}/{n_layer} layers on GPU" if self.gpu_layers else "cpu",
         }
 
@@ -393,7 +398,7 @@ class LlamaCppModel:
         tick = time.perf_counter()
         memory = lib.llama_get_memory(self._ctx)
         prompt, slot = sequence.prompt, sequence.slot
-        source, shared = self._shared_prefix(prompt)
+        source, shared = self._shared_prefix(prompt) if self.reuse_prefix else (-1, 0)
         if shared and source != slot:
             lib.llama_memory_seq_rm(memory, slot, -1, -1)
             lib.llama_memory_seq_cp(memory, source, slot, -1, -1)  # across KV streams: the whole stream
@@ -402,8 +407,10 @@ class LlamaCppModel:
         self.prefix_tokens_reused += shared
         start = shared
         while start < len(prompt):
-            chunk = prompt[start : start + PROMPT_CHUNK]
-            n = len(chunk)
+            n = min(PROMPT_CHUNK, len(prompt) - start)
+            if len(prompt) - start - n == 1:  # no single-token piece: it may take another kernel
+                n -= 1
+            chunk = prompt[start : start + n]
             self._batch_token[:n] = chunk
             self._batch_pos[:n] = np.arange(start, start + n)
             self._batch_logits[:n] = 0

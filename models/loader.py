@@ -92,4 +92,11 @@ def load_model(
     embedded = not spec or path.resolve() == default_model_path().resolve()
     if parallel and parallel > 1 and not embedded and warn is not None:
         warn(UNCHECKED_PARALLEL.format(parallel=parallel, name=path.name))
-    return LlamaCppModel(path, n_ctx=n_ctx, threads=threads, parallel=parallel or default_parallel(gpu_layers, embedded), gpu_layers=gpu_layers)
+    return LlamaCppModel(
+        path,
+        n_ctx=n_ctx,
+        threads=threads,
+        parallel=parallel or default_parallel(gpu_layers, embedded),
+        gpu_layers=gpu_layers,
+        reuse_prefix=embedded,  # another model's prompt is always split the same way
+    )

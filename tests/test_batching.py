@@ -144,7 +144,8 @@ def test_another_model_decodes_one_sequence_by_default_and_more_with_a_warning(t
     warnings: list[str] = []
     assert load_model(None, n_ctx=512, warn=warnings.append).parallel == DEFAULT_PARALLEL
     assert load_model(str(default_model_path()), n_ctx=512, warn=warnings.append).parallel == DEFAULT_PARALLEL
-    assert load_model(str(other), n_ctx=512, warn=warnings.append).parallel == 1
+    one = load_model(str(other), n_ctx=512, warn=warnings.append)
+    assert one.parallel == 1 and not one.reuse_prefix and one.fingerprint["prompt_prefix_reuse"] == 0
     assert warnings == []
     assert load_model(str(other), n_ctx=512, parallel=3, warn=warnings.append).parallel == 3
     [warning] = warnings
