@@ -19,7 +19,11 @@ that the cold start and the peak RSS are that model's:
   context, raw (unconstrained, greedy) beside constrained on each engine
   schema, each sequence its own prompt and seed;
 - end to end (the embedded model): a fixed depth-2 run at ``--parallel 1``
-  and at the default, wall time and whether the two exports are the same bytes.
+  and at the default, wall time and whether the two exports are the same bytes;
+- with ``--llama-server PATH`` (llama.cpp's server binary; nothing in the
+  repo builds it), the same end-to-end run against a local llama-server
+  serving the embedded model with 1 slot and with ``--server-slots`` (4)
+  slots: wall time each, and whether the two exports are the same bytes.
 
 llama.cpp runs with one thread unless ``--threads`` says otherwise: on a
 machine that other processes share, two threads that wait on each other made
@@ -37,6 +41,7 @@ import dataclasses
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -340,6 +345,78 @@ def end_to_end(task: dict[str, Any], threads: int | None) -> dict[str, Any]:
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_llama_server(binary: Path, slots: int, threads: int, n_ctx: int) -> tuple[subprocess.Popen, str]:
+    """llama-server on the embedded model, ``slots`` slots of ``n_ctx`` tokens,
+    on a free local port; returns once /health answers 200."""
+    import urllib.request
+
+    port = _free_port()
+    command = [str(binary), "-m", str(smollm2_path()), "--alias", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(slots), "-c", str(n_ctx * slots), "-t", str(threads)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"llama-server exited with code {server.returncode}: {' '.join(command)}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server, url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("llama-server did not become healthy within 120 s")
+
+
+def server_end_to_end(task: dict[str, Any], binary: Path, slot_counts: tuple[int, ...], threads: int) -> dict[str, Any]:
+    """The end-to-end run against llama-server with each slot count: wall
+    seconds, calls, and whether every slot count gave the same export bytes."""
+    from treesynth.engine.config import build_config
+    from treesynth.engine.events import RunFinished
+    from treesynth.engine.export import iter_records
+    from treesynth.engine.runs import load_embedder, method_of, open_run_store
+    from treesynth.engine.tree import TreeSynth
+    from treesynth.models.loader import ServerOptions, load_server
+
+    config = build_config({"description": DESCRIPTION, **task}, {})
+    embedder = load_embedder()
+    runs = {}
+    for slots in slot_counts:
+        server, url = _start_llama_server(binary, slots, threads, 4096)
+        try:
+            model = load_server(ServerOptions(urls=(url,)))
+            with tempfile.TemporaryDirectory() as tmp:
+                store, _ = open_run_store(Path(tmp) / "server.db", config, model.fingerprint, method_of(embedder))
+                try:
+                    finished = [e for e in TreeSynth(config, model, store, embedder).run() if isinstance(e, RunFinished)][-1]
+                    export = "".join(iter_records(store, list(config.sample_schema["properties"])))
+                finally:
+                    store.close()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        runs[slots] = {"wall_s": finished.wall_seconds, "calls": finished.calls_sent, "samples": finished.samples, "export": export}
+    first = runs[slot_counts[0]]
+    return {
+        "task": task,
+        "server": binary.name,
+        "threads": threads,
+        "wall_s": {str(n): r["wall_s"] for n, r in runs.items()},
+        "calls": {str(n): r["calls"] for n, r in runs.items()},
+        "samples": first["samples"],
+        "speedup": first["wall_s"] / runs[slot_counts[-1]]["wall_s"] if runs[slot_counts[-1]]["wall_s"] else 0.0,
+        "same_export": all(r["export"] == first["export"] and r["calls"] == first["calls"] for r in runs.values()),
+    }
+
+
 def compare_paths(model, scale: Scale) -> dict[str, Any]:
     """Why llguidance: compile and per-token mask cost of each outlines backend
     on the same schema and answer, and the sampler against whole-vocabulary masking."""
@@ -495,6 +572,16 @@ def table(report: dict[str, Any]) -> str:
                 f"same export: {e2e['same_export']}"
             )
         rows.append(f"  targets met: {m['meets_targets']}")
+    server = report.get("server_end_to_end")
+    if server and "error" in server:
+        rows.append(f"server end to end: NOT MEASURED: {server['error']}")
+    elif server:
+        walls = " vs ".join(f"{k} slot{'' if k == '1' else 's'}: {v:.1f} s" for k, v in server["wall_s"].items())
+        calls = "/".join(str(c) for c in server["calls"].values())
+        rows.append(
+            f"server end to end ({server['server']}, embedded model, -t {server['threads']}; {calls} calls, {server['samples']} samples): "
+            f"{walls}, speed-up {server['speedup']:.2f}x, same export: {server['same_export']}"
+        )
     return "\n".join(rows)
 
 
@@ -506,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="llama.cpp threads [1: steady timings on a machine that other processes share]"
     )
+    parser.add_argument(
+        "--llama-server", type=Path, default=None,
+        help="llama.cpp's llama-server binary: also run the end-to-end task against it with 1 and --server-slots slots",
+    )
+    parser.add_argument("--server-slots", type=int, default=4, help="slots of the several-slot server run [4]")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     scale = QUICK if args.quick else FULL
@@ -514,6 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(measure_model(args.worker, scale, threads), indent=1))
         return 0
     names = args.models.split(",") if args.models else (["smollm2-135m"] if args.quick else list(MODELS))
+    if args.llama_server and not args.llama_server.is_file():
+        print(f"--llama-server {args.llama_server}: no such file (llama.cpp's llama-server binary)", file=sys.stderr)
+        return 2
+    if args.server_slots < 2:
+        print(f"--server-slots must be at least 2, not {args.server_slots}", file=sys.stderr)
+        return 2
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         print(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
@@ -528,6 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Other processes' load slows the model between one call and the next: the
     # wall-clock ratio is only as steady as the machine; ratio_at_equal_model_time is not.
+    if args.llama_server:
+        try:
+            task = QUICK_END_TO_END if args.quick else END_TO_END
+            report["server_end_to_end"] = server_end_to_end(task, args.llama_server, (1, args.server_slots), threads)
+        except Exception as error:  # noqa: BLE001 - reported in the table, as a model that could not be measured is
+            report["server_end_to_end"] = {"error": f"{type(error).__name__}: {error}"}
     report["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
@@ -535,7 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [m for m in report["models"] if "error" in m]
     for m in missing:
         print(f"{m['name']} was not measured: {m['error']}", file=sys.stderr)
-    return 1 if missing else 0
+    server_error = report.get("server_end_to_end", {}).get("error")
+    if server_error:
+        print(f"the server run was not measured: {server_error}", file=sys.stderr)
+    return 1 if missing or server_error else 0
 
 
 if __name__ == "__main__":

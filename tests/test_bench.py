@@ -57,3 +57,11 @@ def test_scripted_answers_fit_their_schemas():
 
     for role, request in bench.requests(bench.FULL).items():
         jsonschema.validate(json.loads(bench.scripted_answer(role, bench.FULL.samples)), request.schema)
+
+
+def test_a_missing_llama_server_binary_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "llama-server"
+    assert bench.main(["--llama-server", str(missing), "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "llama-server" in err
+    assert not (tmp_path / "b.json").exists()
