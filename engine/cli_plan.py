@@ -4,11 +4,14 @@ as an expected case and a worst case (engine/plan.py defines both).
 
 The command takes `run`'s own options (its signature is `run`'s, so a new
 option of `run` appears here too), with --store optional and unused, plus
---probe/--no-probe. The time estimate comes from a probe: the model is loaded
-and answers the run's first two pivot requests (the same prompts and seeds),
-which measures tokens per sample, decoding seconds per token and the rest of
-a call's time. With --no-probe it comes from the last `make bench`
-(bench.json at the repository root) for the same model file, or is left out."""
+--probe/--no-probe. The time estimate comes from a probe: the model is loaded,
+answers the run's first pivot request once (which pays the one-time grammar
+compile), then the run's first pivot requests as one batch, as many as the
+model decodes at once (``--parallel``; the same prompts and seeds), which
+measures tokens per sample, decoding seconds per token and the rest of a
+call's time at the run's width. With --no-probe it comes from the last `make
+bench` (bench.json at the repository root) for the same model file, decoded
+one sequence at a time, or is left out."""
 
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ from treesynth.engine.presets import load_task
 
 # Where `make bench` writes its report: the repository root (the package's folder).
 BENCH_JSON = Path(__file__).resolve().parent.parent / "bench.json"  # an editable install's repo root
-PROBE_CALLS = 2
 
 
 def config_overrides(values: dict[str, Any]) -> dict[str, Any]:
@@ -44,8 +46,11 @@ def config_overrides(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def probe(model, config: TaskConfig, load_seconds: float, name: str) -> plans.Rates:
-    """The run's first pivot requests, sent to the model: the first pays the
-    one-time set-up (grammar compile), the last one's timing is kept."""
+    """The run's first pivot requests, sent to the model: the first alone (it
+    pays the one-time set-up, the grammar compile), then as many as the model
+    decodes at once as one batch, as the run sends them. The batch's timings
+    are kept: each response's seconds are its share of the batch's wall time,
+    so the rates are per call at the run's width."""
     from treesynth.engine import prompts
     from treesynth.engine.schemas import request_schema
     from treesynth.models.base import Request
@@ -53,9 +58,9 @@ def probe(model, config: TaskConfig, load_seconds: float, name: str) -> plans.Ra
 
     n = min(config.samples_per_request, config.pivots)
     messages = prompts.pivots_messages(config.description, [], config.sample_schema, n, config.prompts.pivots)
-    responses = []
-    for index in range(PROBE_CALLS):
-        request = Request(
+    width = max(1, min(int(getattr(model, "parallel", 1)), plans.pivot_requests(config)))
+    requests = [
+        Request(
             messages=messages,
             schema=request_schema(config.sample_schema, n),
             max_tokens=config.max_tokens,
@@ -63,16 +68,25 @@ def probe(model, config: TaskConfig, load_seconds: float, name: str) -> plans.Ra
             top_p=config.top_p,
             seed=derive_seed(config.seed, root_key(), f"pivots:{index}", 0),
         )
-        responses += model.generate([request])
-    last = responses[-1]
-    tokens = max(last.completion_tokens, 1)
-    decode = last.extra.get("decode_seconds", last.seconds)
+        for index in range(width)
+    ]
+    model.generate(requests[:1])  # the cold start
+    started = time.perf_counter()
+    batch = model.generate(requests)
+    wall = time.perf_counter() - started
+    tokens = max(sum(r.completion_tokens for r in batch), 1)
+    # The batch's wall time, split as the responses split theirs between
+    # decoding and the rest (a server's responses overlap: their seconds add
+    # up to more than the wall time, which is what the run will take).
+    decode = sum(r.extra.get("decode_seconds", r.seconds) for r in batch)
+    total = sum(r.seconds for r in batch)
+    decoding = min(decode / total, 1.0) if total > 0 else 1.0
     return plans.Rates(
-        tokens_per_sample=sum(r.completion_tokens for r in responses) / (len(responses) * n),
-        seconds_per_token=decode / tokens,
-        seconds_per_call=max(last.seconds - decode, 0.0),
+        tokens_per_sample=sum(r.completion_tokens for r in batch) / (len(batch) * n),
+        seconds_per_token=wall * decoding / tokens,
+        seconds_per_call=wall * (1.0 - decoding) / len(batch),
         load_seconds=load_seconds,
-        source=f"measured by {PROBE_CALLS} pivot requests to {name} on this machine",
+        source=f"measured by {len(batch)} pivot request{'' if len(batch) == 1 else 's'} at once to {name} on this machine",
     )
 
 

@@ -228,7 +228,11 @@ def test_plan_probe_on_the_fake_model():
     result = invoke("plan", *DEMO, "--model", "fake:")
     assert result.exit_code == 0, result.output
     assert rows(result.stdout)["time"][0] == "under 1 s"
-    assert "measured by 2 pivot requests to fake:" in result.stdout
+    assert "measured by 1 pivot request at once to fake:" in result.stdout
+    # The probe decodes as the run would: as many of the root's pivot requests at once as --parallel allows.
+    wide = invoke("plan", *DEMO, "--model", "fake:", "--parallel", "3")
+    assert wide.exit_code == 0, wide.output
+    assert "measured by 3 pivot requests at once to fake:" in wide.stdout
 
 
 @pytest.mark.parametrize(
@@ -290,7 +294,8 @@ def test_status_eta_of_an_unfinished_run(tmp_path):
 
 
 def test_plan_probe_on_the_embedded_model():
-    """End to end on the real 135M model: two pivot requests time the estimate (seconds)."""
+    """End to end on the real 135M model: the root's pivot requests, decoded at
+    once as the run decodes them, time the estimate (seconds)."""
     result = invoke("plan", *DEMO)
     assert result.exit_code == 0, result.output
     table = rows(result.stdout)
@@ -298,4 +303,4 @@ def test_plan_probe_on_the_embedded_model():
     assert re.fullmatch(r"~[\d,]+", table["tokens"][0]) and table["tokens"][1] == "909,312"
     assert table["time"][0].startswith(("~", "under")) and table["time"][1] != "unknown"
     assert re.search(r"at [\d,]+ tok/s and [\d.]+ s a call beyond decoding, \d+ tokens a sample", result.stdout)
-    assert "measured by 2 pivot requests to the embedded SmolLM2-135M" in result.stdout
+    assert "measured by 4 pivot requests at once to the embedded SmolLM2-135M" in result.stdout
