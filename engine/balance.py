@@ -10,7 +10,14 @@ and stored like every call, so a rerun replays them instead of sending them.
 Balancing: a leaf holding more than ``per_leaf`` samples keeps a seeded random
 ``per_leaf`` of them (in input order); a leaf holding fewer gets the shortfall
 made by leaf synthesis under its attributes, in calls of ``leaf_samples``
-samples, each call stored like a tree run's leaf call."""
+samples, each call stored like a tree run's leaf call.
+
+Batching: like the tree driver, the balancer hands the model many requests
+at once, ``BATCH_PER_SEQUENCE`` x the model's parallel sequences: the routing
+requests of a group of samples at one level of the tree, then the next
+level's; every shortfall call's first attempt, then the retries. Every call
+is keyed and seeded on its own, so an answer does not depend on its batch,
+and a killed balance continues from the calls committed so far."""
 
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generator, Sequence
 
 from treesynth.engine import checks, prompts
-from treesynth.engine.calls import answer_call
+from treesynth.engine.calls import answer, look_up
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import call_sizes, draw_attributes
 from treesynth.engine.schemas import parse_samples, samples_schema
@@ -28,6 +35,8 @@ from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, ModelError, Request, Response
 from treesynth.store import Step, Store
 from treesynth.store.keys import content_key, derive_seed
+
+BATCH_PER_SEQUENCE = 4  # requests per batch for each sequence the model decodes at once (as the tree driver)
 
 ROUTE_MAX_TOKENS = 128  # an enum value is at most 60 characters
 ROUTE_TEXT_MAX_CHARS = 3000  # a longer sample is cut in the routing prompt only
@@ -122,87 +131,143 @@ class Balancer:
         self.calls_sent = 0
         self.calls_replayed = 0
 
+    @property
+    def batch_size(self) -> int:
+        return BATCH_PER_SEQUENCE * max(1, int(getattr(self.model, "parallel", 1)))
+
+    def _pass_infinite(self, node: dict[str, Any]) -> dict[str, Any]:
+        """An infinite node passes samples through to its one child, without a call."""
+        while node["state"] == "split" and node["infinite"]:
+            node = self.tree.children[node["key"]][0]
+        return node
+
+    def _route_call(self, node: dict[str, Any], text: str) -> tuple[Request, dict[str, Any], list[str]]:
+        values = [child["path"][-1][1] for child in self.tree.children[node["key"]]]
+        attributes = [(d, v) for d, v in node["path"] if not isinstance(v, list)]
+        step = "route:" + content_key(text)
+        request = Request(
+            messages=route_messages(self.config.description, attributes, node["dimension"], values, text),
+            schema=route_schema(values),
+            max_tokens=ROUTE_MAX_TOKENS,
+            temperature=0.0,
+            top_p=self.config.top_p,
+            seed=derive_seed(self.seed, node["key"], step, 0),
+        )
+        return request, {"node": node["key"], "role": "route", "step": step, "attempt": 0}, values
+
+    def _child(self, node: dict[str, Any], values: list[str], response: Response) -> dict[str, Any]:
+        try:
+            value = json.loads(response.text)
+        except ValueError:
+            value = None
+        if value not in values:  # only an answer cut off at max_tokens could get here
+            raise ModelError(f"routing answer {response.text[:80]!r} is not one of the node's values {values}")
+        return self.tree.children[node["key"]][values.index(value)]
+
     def route(self, text: str) -> tuple[str, int]:
         """The leaf key this sample lands in, and how many routing calls it took."""
-        node = self.tree.root
-        sample_key = content_key(text)
-        calls = 0
-        while node["state"] == "split":
-            children = self.tree.children[node["key"]]
-            if node["infinite"]:
-                node = children[0]
-                continue
-            values = [child["path"][-1][1] for child in children]
-            attributes = [(d, v) for d, v in node["path"] if not isinstance(v, list)]
-            request = Request(
-                messages=route_messages(self.config.description, attributes, node["dimension"], values, text),
-                schema=route_schema(values),
-                max_tokens=ROUTE_MAX_TOKENS,
-                temperature=0.0,
-                top_p=self.config.top_p,
-                seed=derive_seed(self.seed, node["key"], "route:" + sample_key, 0),
-            )
-            response = self._call(node["key"], "route", "route:" + sample_key, 0, request)
-            calls += 1
-            try:
-                value = json.loads(response.text)
-            except ValueError:
-                value = None
-            if value not in values:  # only an answer cut off at max_tokens could get here
-                raise ModelError(f"routing answer {response.text[:80]!r} is not one of the node's values {values}")
-            node = children[values.index(value)]
-        return node["key"], calls
+        [(leaf, calls)] = self._route_group([text])
+        return leaf, calls
+
+    def _route_group(self, texts: Sequence[str]) -> list[tuple[str, int]]:
+        """Route a group of samples down the tree together, one batch per level."""
+        nodes = [self._pass_infinite(self.tree.root) for _ in texts]
+        calls = [0] * len(texts)
+        while True:
+            pending = [i for i, node in enumerate(nodes) if node["state"] == "split"]
+            if not pending:
+                return [(node["key"], n) for node, n in zip(nodes, calls)]
+            made = [self._route_call(nodes[i], texts[i]) for i in pending]
+            responses = self._calls([(request, where) for request, where, _ in made])
+            for i, (_, _, values), response in zip(pending, made, responses):
+                nodes[i] = self._pass_infinite(self._child(nodes[i], values, response))
+                calls[i] += 1
 
     def route_all(self, texts: Sequence[str]) -> Events:
-        """Each text's leaf key, in input order."""
+        """Each text's leaf key, in input order; routed in groups of a batch."""
         leaves = []
-        for index, text in enumerate(texts):
-            leaf, calls = self.route(text)
-            leaves.append(leaf)
-            yield SampleRouted(index, leaf, calls)
+        for start in range(0, len(texts), self.batch_size):
+            group = texts[start : start + self.batch_size]
+            for offset, (leaf, calls) in enumerate(self._route_group(group)):
+                leaves.append(leaf)
+                yield SampleRouted(start + offset, leaf, calls)
         return leaves
 
     def synthesise(self, leaf: dict[str, Any], shortfall: int) -> Events:
         """Up to ``shortfall`` new samples under the leaf's attributes: (sample, attributes) pairs."""
-        config = self.config
-        made: list[tuple[dict[str, Any], dict[str, str]]] = []
-        for index, n in enumerate(call_sizes(shortfall, config.leaf_samples)):
-            step = f"balance:{index}"
-            attributes = draw_attributes(leaf["path"], derive_seed(self.seed, leaf["key"], step, 0))
-            messages = prompts.leaf_messages(config.description, attributes, config.sample_schema, n, config.prompts.leaf)
-            schema = samples_schema(config.sample_schema, n)
-            samples: list[dict[str, Any]] = []
-            for attempt in range(config.call_retries):
-                request = Request(
-                    messages=messages,
-                    schema=schema,
-                    max_tokens=config.max_tokens,
-                    temperature=config.temperature.leaf,
-                    top_p=config.top_p,
-                    seed=derive_seed(self.seed, leaf["key"], step, attempt),
-                )
-                response = self._call(leaf["key"], "balance", step, attempt, request)
-                parsed = parse_samples(response.text, n)
-                # An answer with a sample that breaks the schema is retried like unparsable text.
-                if parsed is not None and not any(checks.schema_problem(self.validator, s) for s in parsed):
-                    samples = [finish_sample(config, s, leaf["key"], index, i) for i, s in enumerate(parsed)]
-                    break
-            made += [(s, dict(attributes)) for s in samples]
-            yield ShortfallCall(leaf["key"], index, len(samples))
-        return made
+        made = yield from self.synthesise_all([(leaf, shortfall)])
+        return made[0]
 
-    def _call(self, node: str, role: str, step: str, attempt: int, request: Request) -> Response:
-        """The answer from the store's call log, or from the model and then
-        committed (one transaction) before it is used."""
-        call, response, replayed = answer_call(
-            self.model, self.store, self.fingerprint, request, node=node, role=role, step=step, attempt=attempt
-        )
-        if replayed:
-            self.calls_replayed += 1
-            return response
-        self.calls_sent += 1
-        self.store.commit(Step(call=call), self.session)
-        return response
+    def synthesise_all(self, shortfalls: Sequence[tuple[dict[str, Any], int]]) -> Events:
+        """Each (leaf, shortfall)'s new samples, in order: every call's first
+        attempt in batches, then the retries of the calls whose answer was unusable."""
+        config = self.config
+        pending = []  # (which shortfall, call index, samples asked, attributes, messages, schema)
+        for which, (leaf, shortfall) in enumerate(shortfalls):
+            for index, n in enumerate(call_sizes(shortfall, config.leaf_samples)):
+                attributes = draw_attributes(leaf["path"], derive_seed(self.seed, leaf["key"], f"balance:{index}", 0))
+                messages = prompts.leaf_messages(config.description, attributes, config.sample_schema, n, config.prompts.leaf)
+                pending.append((which, index, n, attributes, messages, samples_schema(config.sample_schema, n)))
+        made: dict[tuple[int, int], list[tuple[dict[str, Any], dict[str, str]]]] = {}
+        for attempt in range(config.call_retries):
+            retry = []
+            for start in range(0, len(pending), self.batch_size):
+                batch = pending[start : start + self.batch_size]
+                requests = []
+                for which, index, n, attributes, messages, schema in batch:
+                    leaf = shortfalls[which][0]
+                    step = f"balance:{index}"
+                    request = Request(
+                        messages=messages,
+                        schema=schema,
+                        max_tokens=config.max_tokens,
+                        temperature=config.temperature.leaf,
+                        top_p=config.top_p,
+                        seed=derive_seed(self.seed, leaf["key"], step, attempt),
+                    )
+                    requests.append((request, {"node": leaf["key"], "role": "balance", "step": step, "attempt": attempt}))
+                for entry, response in zip(batch, self._calls(requests)):
+                    which, index, n, attributes, _, _ = entry
+                    leaf = shortfalls[which][0]
+                    parsed = parse_samples(response.text, n)
+                    # An answer with a sample that breaks the schema is retried like unparsable text.
+                    if parsed is not None and not any(checks.schema_problem(self.validator, s) for s in parsed):
+                        samples = [finish_sample(config, s, leaf["key"], index, i) for i, s in enumerate(parsed)]
+                        made[which, index] = [(s, dict(attributes)) for s in samples]
+                        yield ShortfallCall(leaf["key"], index, len(samples))
+                    elif attempt == config.call_retries - 1:
+                        made[which, index] = []
+                        yield ShortfallCall(leaf["key"], index, 0)
+                    else:
+                        retry.append(entry)
+            pending = retry
+        return [
+            [pair for index in range(len(call_sizes(shortfall, config.leaf_samples))) for pair in made[which, index]]
+            for which, (_, shortfall) in enumerate(shortfalls)
+        ]
+
+    def _calls(self, calls: Sequence[tuple[Request, dict[str, Any]]]) -> list[Response]:
+        """Each call's answer, from the store's call log or from the model in
+        one batch; each new call committed (its own transaction) before it is
+        used. A call repeated within the batch is sent once."""
+        keyed = look_up(self.store, self.fingerprint, calls)
+        first: dict[str, int] = {}
+        unique = []
+        for position, call in enumerate(keyed):
+            if call.key not in first:
+                first[call.key] = len(unique)
+                unique.append(call)
+        answered = answer(self.model, unique)
+        responses = []
+        for position, call in enumerate(keyed):
+            record, response, replayed = answered[first[call.key]]
+            if unique[first[call.key]] is not call or replayed:
+                self.calls_replayed += 1
+            else:
+                self.calls_sent += 1
+                self.store.commit(Step(call=record), self.session)
+            responses.append(response)
+        return responses
 
 
 # -- the arithmetic ------------------------------------------------------------------
@@ -257,9 +322,9 @@ def balance(balancer: Balancer, texts: Sequence[str], per_leaf: int) -> Events:
         sum(p.shortfall for p in short),
         sum(len(call_sizes(p.shortfall, balancer.config.leaf_samples)) for p in short),
     )
-    for plan in plans:
-        if plan.shortfall:
-            plan.synthesised = yield from balancer.synthesise(plan.leaf, plan.shortfall)
+    made = yield from balancer.synthesise_all([(plan.leaf, plan.shortfall) for plan in short])
+    for plan, synthesised in zip(short, made):
+        plan.synthesised = synthesised
     return plans
 
 
