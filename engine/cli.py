@@ -8,8 +8,9 @@ import os
 import shlex
 import sqlite3
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -32,6 +33,37 @@ USER_ERRORS = (ConfigError, StoreError, ModelError)
 def fail(message: str, code: int = 2) -> None:
     err.print(f"error: {message}", highlight=False, markup=False)
     raise typer.Exit(code)
+
+
+@contextmanager
+def writing(store: Path, continue_command: str, opened: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """The one way a command that writes a store ends when it stops early, for
+    `run`, `baseline` and `balance` alike: Ctrl-C says the store is consistent
+    (or that nothing was written, while ``opened()`` is false) and how to
+    continue, exit 130; a model, config or store error, a full disk, a damaged
+    store or an OS error is one line, saying that nothing committed was lost
+    and how to continue (exit 2 for what the user can fix, 1 otherwise).
+    Every step commits in its own transaction, so any of these leaves the
+    store as it was after the last committed step."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        state = "the store is consistent" if opened() else "nothing was written"
+        err.print(f"\ninterrupted; {state}. Continue with:\n  {continue_command}", highlight=False, markup=False)
+        raise typer.Exit(130)
+    except USER_ERRORS as error:
+        fail(f"{error}; nothing committed was lost. Fix it, then continue with: {continue_command}")
+    except sqlite3.OperationalError as error:
+        fail(
+            f"cannot write to the store {store} ({error}); nothing committed was lost. "
+            f"Free space or fix permissions, then continue with: {continue_command}",
+            1,
+        )
+    except sqlite3.DatabaseError as error:
+        fail(f"the store {store} is damaged ({error}); check it with: treesynth verify {shlex.quote(str(store))}", 1)
+    except OSError as error:
+        what = f"{error.strerror}: {error.filename}" if error.filename else str(error)
+        fail(f"stopped: {what}; nothing committed was lost. Continue with: {continue_command}", 1)
 
 
 @app.command()
@@ -72,66 +104,49 @@ def run(
     continue_command = _continue_command()
     db: Store | None = None
     try:
-        try:
-            task = load_task(description, spec, preset, missing="give a description or --spec TASK.toml")
-            overrides = {
-                "depth": depth,
-                "pivots": pivots,
-                "leaf_samples": leaf_samples,
-                "max_values": max_values,
-                "infinite_samples": infinite_samples,
-                "max_samples": max_samples,
-                "samples": samples,
-                "samples_per_request": samples_per_request,
-                "seed": seed,
-                "max_tokens": max_tokens,
-                "temperature.pivots": temperature_pivots,
-                "temperature.criterion": temperature_criterion,
-                "temperature.coverage": temperature_coverage,
-                "temperature.leaf": temperature_leaf,
-            }
-            config = build_config(task, overrides, source=str(spec) if spec else "run")
-            for warning in config.warnings:
-                err.print(f"warning: {warning}", highlight=False, markup=False)
-            if restart and store.exists():
-                _restart(store, yes)
-            embedder = load_embedder()
-            the_model = load_model_or_fail(
-                model, threads, n_ctx, server_options(server, server_model, server_parallel, api_key_env, server_wait), parallel, gpu_layers
-            )
-            db, resumed = open_run_store(store, config, the_model.fingerprint, method_of(embedder))
-            # Settings that do not change content: recorded per session, free to change between runs.
-            settings = {"threads": threads, "parallel": getattr(the_model, "parallel", None), "progress": progress, "argv": sys.argv[1:]}
-            session = db.begin_session(settings, resumed)
-        except USER_ERRORS as error:
-            fail(str(error))
-        from treesynth.engine.plan import plan as plan_of, summary_line
+        with writing(store, continue_command, opened=lambda: db is not None):
+            try:
+                task = load_task(description, spec, preset, missing="give a description or --spec TASK.toml")
+                overrides = {
+                    "depth": depth,
+                    "pivots": pivots,
+                    "leaf_samples": leaf_samples,
+                    "max_values": max_values,
+                    "infinite_samples": infinite_samples,
+                    "max_samples": max_samples,
+                    "samples": samples,
+                    "samples_per_request": samples_per_request,
+                    "seed": seed,
+                    "max_tokens": max_tokens,
+                    "temperature.pivots": temperature_pivots,
+                    "temperature.criterion": temperature_criterion,
+                    "temperature.coverage": temperature_coverage,
+                    "temperature.leaf": temperature_leaf,
+                }
+                config = build_config(task, overrides, source=str(spec) if spec else "run")
+                for warning in config.warnings:
+                    err.print(f"warning: {warning}", highlight=False, markup=False)
+                if restart and store.exists():
+                    _restart(store, yes)
+                embedder = load_embedder()
+                the_model = load_model_or_fail(
+                    model, threads, n_ctx, server_options(server, server_model, server_parallel, api_key_env, server_wait), parallel, gpu_layers
+                )
+                db, resumed = open_run_store(store, config, the_model.fingerprint, method_of(embedder))
+                # Settings that do not change content: recorded per session, free to change between runs.
+                settings = {"threads": threads, "parallel": getattr(the_model, "parallel", None), "progress": progress, "argv": sys.argv[1:]}
+                session = db.begin_session(settings, resumed)
+            except USER_ERRORS as error:
+                fail(str(error))
+            from treesynth.engine.plan import plan as plan_of, summary_line
 
-        err.print(summary_line(plan_of(config)), highlight=False, markup=False)
-        engine = TreeSynth(config, the_model, db, embedder, session)
-        live = progress and err.is_terminal
-        with Renderer(err, live) as renderer:
-            for event in engine.run():
-                renderer.handle(event)
-                last = event
-    except KeyboardInterrupt:
-        # The step in progress was rolled back (or never began); every committed step stays.
-        state = "the store is consistent" if db is not None else "nothing was written"
-        err.print(f"\ninterrupted; {state}. Continue with:\n  {continue_command}", highlight=False, markup=False)
-        raise typer.Exit(130)
-    except USER_ERRORS as error:
-        fail(f"{error}; nothing committed was lost. Fix it, then continue with: {continue_command}")
-    except sqlite3.OperationalError as error:
-        fail(
-            f"cannot write to the store {store} ({error}); nothing committed was lost. "
-            f"Free space or fix permissions, then continue with: {continue_command}",
-            1,
-        )
-    except sqlite3.DatabaseError as error:
-        fail(f"the store {store} is damaged ({error}); check it with: treesynth verify {shlex.quote(str(store))}", 1)
-    except OSError as error:
-        what = f"{error.strerror}: {error.filename}" if error.filename else str(error)
-        fail(f"stopped: {what}; nothing committed was lost. Continue with: {continue_command}", 1)
+            err.print(summary_line(plan_of(config)), highlight=False, markup=False)
+            engine = TreeSynth(config, the_model, db, embedder, session)
+            live = progress and err.is_terminal
+            with Renderer(err, live) as renderer:
+                for event in engine.run():
+                    renderer.handle(event)
+                    last = event
     finally:
         if db is not None:
             db.close()

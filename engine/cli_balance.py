@@ -4,7 +4,6 @@ cause end in one line and exit code 2; no output file is written half-way."""
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -127,16 +126,11 @@ def baseline(
     live = progress and cli.err.is_terminal
     last = None
     try:
-        with Renderer(cli.err, live) as renderer:
+        with cli.writing(store, _continue_command()), Renderer(cli.err, live) as renderer:
             for event in engine.run():
                 if not (type(event).__name__ == "RunStarted" and not resumed):
                     renderer.handle(event)
                 last = event
-    except KeyboardInterrupt:
-        cli.err.print(f"\ninterrupted; the store is consistent. Continue with:\n  {_continue_command()}", highlight=False, markup=False)
-        raise typer.Exit(130)
-    except sqlite3.OperationalError as error:
-        cli.fail(f"cannot write to the store ({error}); nothing committed was lost. Continue with: {_continue_command()}", 1)
     finally:
         db.close()
     for line in cli.finish_lines(last, config.samples):
@@ -282,14 +276,8 @@ def balance(
     balancer = bal.Balancer(db, the_model, seed=seed, session=session)
     field_order = list(balancer.config.sample_schema["properties"])
     try:
-        plans = _run_balance(balancer, [r.text for r in records], per_leaf, progress and cli.err.is_terminal)
-    except KeyboardInterrupt:
-        cli.err.print(f"\ninterrupted; the store is consistent. Continue with:\n  {_continue_command()}", highlight=False, markup=False)
-        raise typer.Exit(130)
-    except cli.USER_ERRORS as error:
-        cli.fail(str(error))
-    except sqlite3.OperationalError as error:
-        cli.fail(f"cannot write to the store ({error}); nothing committed was lost. Continue with: {_continue_command()}", 1)
+        with cli.writing(store, _continue_command()):
+            plans = _run_balance(balancer, [r.text for r in records], per_leaf, progress and cli.err.is_terminal)
     finally:
         db.close()
     _write_atomically(output, bal.output_lines(plans, [r.raw for r in records], field_order))

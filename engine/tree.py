@@ -24,7 +24,6 @@ fresh run would."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Generator, Iterator

@@ -14,15 +14,18 @@ from typing import Any, Sequence
 
 import xxhash
 
-from treesynth.models.base import Request, Response
+from treesynth.models.base import ModelError, Request, Response
 from treesynth.store.keys import canonical_json
 
 WORDS = ("amber", "birch", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kelp", "lumen")
 
 
 class FakeModel:
-    def __init__(self, *, delay: float = 0.0, variant: int = 0, call_log: str | None = None, parallel: int = 1):
+    def __init__(
+        self, *, delay: float = 0.0, variant: int = 0, call_log: str | None = None, parallel: int = 1, fail_after: int | None = None
+    ):
         self.parallel = parallel  # batch size the driver aims at; answers come one at a time
+        self.fail_after = fail_after  # answer this many calls, then raise ModelError (a model that breaks mid-run)
         self.delay = delay
         self.variant = variant
         self.call_log = call_log
@@ -40,6 +43,8 @@ class FakeModel:
         return [self._one(r) for r in requests]
 
     def _one(self, request: Request) -> Response:
+        if self.fail_after is not None and len(self.history) >= self.fail_after:
+            raise ModelError(f"the fake model failed as asked after {self.fail_after} calls")
         self.history.append(request)
         if self.call_log:
             with open(self.call_log, "a", encoding="utf-8") as log:

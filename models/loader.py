@@ -82,6 +82,7 @@ def load_model(
                 variant=int(options.get("variant", 0)),
                 call_log=options.get("log"),
                 parallel=parallel or 1,
+                fail_after=int(options["fail"]) if "fail" in options else None,
             )
         except ValueError:
             raise ModelError(f"bad fake model options: {spec!r}") from None

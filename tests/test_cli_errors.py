@@ -195,3 +195,42 @@ def test_ctrl_c_during_start_up_ends_without_a_traceback(tmp_path):
         interrupted += 1
     # A start-up that always finished before the signal would have checked nothing.
     assert interrupted >= 2, f"only {interrupted} of {len(delays)} runs were interrupted in treesynth's own start-up"
+
+
+def test_a_model_that_fails_mid_run_ends_in_one_line_for_run_baseline_and_balance(tmp_path):
+    """In process (typer's runner): the model raises after a few answered calls;
+    each command that writes a store ends in one `error:` line, exit code 2,
+    no traceback, and the store continues to the end afterwards."""
+    from typer.testing import CliRunner
+
+    from treesynth.engine.cli import app
+
+    def invoke(*args: str):
+        return CliRunner().invoke(app, [*args, "--no-progress"])
+
+    def assert_stopped_by_the_model(result, after: int) -> None:
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr
+        assert f"the fake model failed as asked after {after} calls" in errors[0]
+        assert "nothing committed was lost" in errors[0] and "continue with: treesynth" in errors[0]
+
+    store, base, data = tmp_path / "tree.db", tmp_path / "base.db", tmp_path / "data.jsonl"
+    shape = ["--depth", "1", "--pivots", "3", "--max-values", "3", "--samples", "6", "--seed", "3"]
+    assert_stopped_by_the_model(invoke("run", DESC, "--store", str(store), "--model", "fake:fail=4", *shape), 4)
+    finished = invoke("run", DESC, "--store", str(store), "--model", "fake:", *shape)
+    assert finished.exit_code == 0, finished.output
+
+    assert_stopped_by_the_model(invoke("baseline", "--like", str(store), "--store", str(base), "--model", "fake:fail=2"), 2)
+    assert invoke("baseline", "--like", str(store), "--store", str(base), "--model", "fake:").exit_code == 0
+
+    data.write_text("".join(f'{{"text": "record number {i}"}}\n' for i in range(5)))
+    # 8 a leaf from 5 records: routing (where the tree has finite splits), then synthesis calls.
+    balanced = ["balance", str(data), "--store", str(store), "--per-leaf", "8", "-o", str(tmp_path / "out.jsonl")]
+    assert_stopped_by_the_model(invoke(*balanced, "--model", "fake:fail=0"), 0)
+    assert not (tmp_path / "out.jsonl").exists()
+    done = invoke(*balanced, "--model", "fake:")
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "out.jsonl").exists()
