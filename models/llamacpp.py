@@ -288,11 +288,14 @@ class LlamaCppModel:
             if self._formatter is None:  # compiling the Jinja template costs milliseconds: once per model
                 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-                bos = self.llm._model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() != -1 else ""
-                eos = self.llm._model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() != -1 else ""
+                bos = self._token_text(self.llm.token_bos())
+                eos = self._token_text(self.llm.token_eos())
                 self._formatter = Jinja2ChatFormatter(template=self._template, eos_token=eos, bos_token=bos)
             return self._formatter(messages=[{"role": r, "content": c} for r, c in messages]).prompt
         return "\n\n".join(content for _, content in messages) + "\n\n"
+
+    def _token_text(self, token: int) -> str:
+        return self._lib.llama_vocab_get_text(self._vocab, token).decode("utf-8") if token != -1 else ""
 
     def tokenize_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         tokens = self.llm.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True)
@@ -572,26 +575,25 @@ def _gib(n: int) -> str:
 
 def llguidance_tokenizer(lib, vocab):
     """``llguidance.llamacpp.lltokenizer_from_vocab`` with the same token bytes,
-    read through the C functions directly: its per-token Python wrappers cost
-    half of the cold start on a 262k vocabulary."""
+    read through llama-cpp-python's C bindings directly: its per-token Python
+    wrappers cost half of the cold start on a 262k vocabulary."""
     import ctypes
 
     from llguidance import LLTokenizer
 
-    c = lib.llama_cpp._lib
     control, user_defined = lib.LLAMA_TOKEN_ATTR_CONTROL, lib.LLAMA_TOKEN_ATTR_USER_DEFINED
     size = 256
     buffer = ctypes.create_string_buffer(size)
     tokens: list[bytes] = []
     for token in range(lib.llama_vocab_n_tokens(vocab)):
-        n = c.llama_token_to_piece(vocab, token, buffer, size, 0, True)
+        n = lib.llama_token_to_piece(vocab, token, buffer, size, 0, True)
         if n < 0:  # longer than the buffer: -n is its length
             big = ctypes.create_string_buffer(-n)
-            n = c.llama_token_to_piece(vocab, token, big, -n, 0, True)
+            n = lib.llama_token_to_piece(vocab, token, big, -n, 0, True)
             piece = ctypes.string_at(big, n)
         else:
             piece = ctypes.string_at(buffer, n)
-        attr = c.llama_token_get_attr(vocab, token)
+        attr = lib.llama_vocab_get_attr(vocab, token)
         # Control tokens (and user-defined ones that look like them) are marked special, as llguidance expects.
         if attr & control or (attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")):
             piece = b"\xff" + piece
@@ -599,7 +601,7 @@ def llguidance_tokenizer(lib, vocab):
     return LLTokenizer.from_llamacpp(
         tokens=tokens,
         vocab_ptr=vocab,
-        tokenize_fptr=ctypes.cast(c.llama_tokenize, ctypes.c_void_p).value,
+        tokenize_fptr=ctypes.cast(lib.llama_tokenize, ctypes.c_void_p).value,
         eos_token=lib.llama_vocab_eos(vocab),
         slices=None,  # the default slices make a mask over a 262k vocabulary cost tens of microseconds, not milliseconds
     )
