@@ -31,6 +31,11 @@ FORMAT_WORDS = frozenset(
      "array", "arrays", "object", "objects", "key", "keys", "list", "format", "index", "placeholder", "schema",
      "null", "true", "false"}
 )
+# Names of dimensions, which are no group of anything: `setting = mood` and
+# `level = moods` came from the 135M model copying the examples' dimensions.
+FACET_NAMES = frozenset(
+    {"topic", "mood", "setting", "audience", "difficulty", "meal", "tone", "style", "theme", "genre", "purpose"}
+)
 # Format words a sample may not use (a subset: "list", "text", "example" are
 # ordinary words inside a product review or a math problem).
 SAMPLE_FORMAT_WORDS = frozenset({"json", "schema", "placeholder", "array", "arrays", "dataset"})
@@ -175,11 +180,17 @@ def copied_problem(values: Sequence[str], example_words: frozenset[str], own_wor
 
 
 def path_value_problem(values: Sequence[str], path: Sequence[Sequence]) -> str | None:
-    """A value that is already a value on the node's path (``food`` under ``product = food``)."""
+    """A value that is already a value on the node's path (``food`` under
+    ``product = food``), or that names a dimension, one on the path or a
+    facet name (``setting = mood``, ``level = moods``), not a group."""
     on_path = {normalise(v) for _, value in path for v in (value if isinstance(value, list) else [value])}
+    dimensions = {stem(w) for dimension, _ in path for w in words_of(dimension)} | {stem(w) for w in FACET_NAMES}
     for value in values:
         if normalise(value) in on_path:
             return f"value {value!r} is already on the path"
+        words = words_of(value)
+        if len(words) == 1 and stem(words[0]) in dimensions:
+            return f"value {value!r} names a dimension, not a group"
     return None
 
 

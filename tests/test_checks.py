@@ -110,6 +110,11 @@ def test_a_value_already_on_the_path_is_refused():
     assert path_value_problem(["drinks", "food"], path) == "value 'food' is already on the path"
     assert path_value_problem(["Tense"], path) == "value 'Tense' is already on the path"
     assert path_value_problem(["drinks"], path) is None
+    # A value that names a dimension (on the path, or a facet name) is no group.
+    assert path_value_problem(["sales", "Mood"], path) == "value 'Mood' names a dimension, not a group"
+    assert path_value_problem(["moods"], [["level", "easy"]]) == "value 'moods' names a dimension, not a group"
+    assert path_value_problem(["products"], path) == "value 'products' names a dimension, not a group"
+    assert path_value_problem(["bad mood", "topical"], path) is None
 
 
 def test_values_and_dimensions_made_only_of_the_task_words_split_nothing():
