@@ -35,7 +35,7 @@ from helpers_proc import (
     without_permission_override,
 )
 
-CALLS = 147  # model calls of FAKE_TASK
+CALLS = 146  # model calls of FAKE_TASK
 
 
 def task(**changes: str) -> list[str]:
