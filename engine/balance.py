@@ -193,14 +193,10 @@ class Balancer:
                 yield SampleRouted(start + offset, leaf, calls)
         return leaves
 
-    def synthesise(self, leaf: dict[str, Any], shortfall: int) -> Events:
-        """Up to ``shortfall`` new samples under the leaf's attributes: (sample, attributes) pairs."""
-        made = yield from self.synthesise_all([(leaf, shortfall)])
-        return made[0]
-
     def synthesise_all(self, shortfalls: Sequence[tuple[dict[str, Any], int]]) -> Events:
-        """Each (leaf, shortfall)'s new samples, in order: every call's first
-        attempt in batches, then the retries of the calls whose answer was unusable."""
+        """Each (leaf, shortfall)'s new samples under the leaf's attributes, as
+        (sample, attributes) pairs: every call's first attempt in batches, then
+        the retries of the calls whose answer was unusable."""
         config = self.config
         pending = []  # (which shortfall, call index, samples asked, attributes, messages, schema)
         for which, (leaf, shortfall) in enumerate(shortfalls):
