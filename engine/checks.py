@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from typing import Iterable, Sequence
 
 CATCH_ALL = frozenset(
@@ -254,7 +255,8 @@ def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[s
     code and markup tasks); one word
     repeated (four times in a row, or over 40 % of a text of 8 or more words);
     a line of the prompt's properties copied out ("Mood: calm" for a path
-    dimension ``mood``)."""
+    dimension ``mood``); under half of its letters Latin when the task is
+    written in Latin letters (a Russian paragraph for an English task)."""
     if not markup_task(task_words):
         if _PLACEHOLDER.search(text):
             return "template placeholder"
@@ -272,6 +274,8 @@ def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[s
     letters_needed = 0.2 if markup_task(task_words) else 0.5  # code and LaTeX are symbol-heavy by nature
     if not visible or sum(c.isalpha() for c in visible) < letters_needed * len(visible):
         return "mostly digits or symbols"
+    if _latin_share("".join(task_words)) >= 0.9 and sum(c.isalpha() for c in visible) >= 20 and _latin_share(visible) < 0.5:
+        return "written in another script than the task"
     words = [t for t in tokens if t.isalpha()]
     run = 1
     for previous, word in zip(words, words[1:]):
@@ -283,3 +287,11 @@ def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[s
         if top > 0.4 * len(words):
             return "one word makes up most of it"
     return None
+
+
+def _latin_share(chars) -> float:
+    """The share of the letters among ``chars`` that are Latin (1 when there are none)."""
+    letters = [c for c in chars if c.isalpha()]
+    if not letters:
+        return 1.0
+    return sum(1 for c in letters if c.isascii() or unicodedata.name(c, "").startswith("LATIN")) / len(letters)

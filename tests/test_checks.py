@@ -134,3 +134,16 @@ def test_a_word_has_at_most_two_hyphens_and_never_mixes_letters_and_digits():
     for bad in ("Math-B-Tech-A-B-C-E-", "forecast5", "1.5", "json.JSON", "{value}", "a/b", "[1],"):
         assert not re.match(VALUE_PATTERN, bad), bad
     assert not re.match(DIMENSION_PATTERN, "3 days")
+
+
+def test_a_sample_in_another_script_than_the_task_is_dropped():
+    from treesynth.engine.checks import sample_problem
+
+    math = frozenset({"grade", "school", "math", "word", "problems"})
+    russian = "Турисиамная работа на магазине весла в последних работ, которые будет уметь с наследием."
+    assert sample_problem(russian, math) == "written in another script than the task"
+    # Latin letters with accents are Latin; a few foreign words in an English text pass.
+    assert sample_problem("Café owners in São Paulo sell 12 pastries an hour. How many in 3 hours?", math) is None
+    assert sample_problem("Mia learns that 'спасибо' means thank you; she says it to 3 friends each day.", math) is None
+    # A task written in Cyrillic may have Cyrillic samples.
+    assert sample_problem(russian, frozenset({"задачи", "по", "математике"})) is None
