@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
+import zlib
 from typing import Iterable, Sequence
 
 CATCH_ALL = frozenset(
@@ -256,7 +257,10 @@ def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[s
     repeated (four times in a row, or over 40 % of a text of 8 or more words);
     a line of the prompt's properties copied out ("Mood: calm" for a path
     dimension ``mood``); under half of its letters Latin when the task is
-    written in Latin letters (a Russian paragraph for an English task)."""
+    written in Latin letters (a Russian paragraph for an English task); a text
+    of 100 or more bytes that zlib compresses below 0.3 of its size (0.2 for
+    code and markup tasks): it repeats itself ("GEMEMMEMEMBERE-YAHU..." at
+    0.10; plain English texts of the demo and the references: 0.49 or more)."""
     if not markup_task(task_words):
         if _PLACEHOLDER.search(text):
             return "template placeholder"
@@ -276,6 +280,9 @@ def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[s
         return "mostly digits or symbols"
     if _latin_share("".join(task_words)) >= 0.9 and sum(c.isalpha() for c in visible) >= 20 and _latin_share(visible) < 0.5:
         return "written in another script than the task"
+    raw = text.encode("utf-8")
+    if len(raw) >= 100 and len(zlib.compress(raw, 9)) < (0.2 if markup_task(task_words) else 0.3) * len(raw):
+        return "repeats itself"
     words = [t for t in tokens if t.isalpha()]
     run = 1
     for previous, word in zip(words, words[1:]):

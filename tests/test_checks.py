@@ -147,3 +147,13 @@ def test_a_sample_in_another_script_than_the_task_is_dropped():
     assert sample_problem("Mia learns that 'спасибо' means thank you; she says it to 3 friends each day.", math) is None
     # A task written in Cyrillic may have Cyrillic samples.
     assert sample_problem(russian, frozenset({"задачи", "по", "математике"})) is None
+
+
+def test_a_sample_that_repeats_itself_is_dropped():
+    from treesynth.engine.checks import sample_problem
+
+    math = frozenset({"grade", "school", "math", "word", "problems"})
+    assert sample_problem("GEMEMMEMEMBERE-YAHUSHEBEMMEMEMEMBERE-YAHUSHEBEMBEMEMBERE-" + "YAHUSHEBEMBEMBEMBEMBEM" * 12, math) == "repeats itself"
+    plain = "Avery buys 3 boxes of crayons with 24 crayons in each box. She gives 17 crayons to her brother. How many are left?"
+    assert sample_problem(plain, math) is None
+    assert sample_problem("Short, and repeats: ab ab ab.", math) is None  # under 100 bytes: too short to judge
