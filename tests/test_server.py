@@ -210,6 +210,33 @@ def test_run_through_a_server_and_rerun_sends_nothing(servers, reference):
     assert export(store) == exported
 
 
+def test_status_tree_baseline_and_balance_work_on_a_server_store(servers, reference, tmp_path):
+    """A store made through a server is a store like any other: read by
+    status and tree, copied by baseline --like, balanced, all through the server."""
+    import sqlite3
+
+    store = tmp_path / "copy.db"  # balance writes its calls into the tree's store: not into the shared reference
+    with sqlite3.connect(reference[0]) as source, sqlite3.connect(store) as copy:
+        source.backup(copy)
+    url = servers["main"].url
+    status = treesynth("status", str(store))
+    assert status.returncode == 0 and "finished:    yes" in status.stdout, status.stdout + status.stderr
+    tree = treesynth("tree", str(store))
+    assert tree.returncode == 0 and tree.stdout.startswith("(root)"), tree.stdout + tree.stderr
+
+    base = tmp_path / "base.db"
+    baseline = treesynth("baseline", "--like", str(store), "--store", str(base), "--server", url, "--no-progress")
+    assert baseline.returncode == 0, baseline.stderr
+    assert len(export(base).decode().splitlines()) == 3
+
+    data, out = tmp_path / "data.jsonl", tmp_path / "balanced.jsonl"
+    data.write_text('{"text": "Ann has 3 apples and eats one. How many are left?"}\n{"text": "A bus seats 40. How many buses for 90 children?"}\n')
+    balanced = treesynth("balance", str(data), "--store", str(store), "--per-leaf", "3", "-o", str(out), "--server", url, "--no-progress")
+    assert balanced.returncode == 0, balanced.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and sum(bool(r.get("synthesised")) for r in records) == 1, records
+
+
 # -- (b) the same seed and settings, a fresh store: the same bytes ------------------------
 
 
