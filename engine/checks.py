@@ -66,13 +66,14 @@ _SUFFIXES = ("ations", "ation", "ness", "ings", "ing", "ment", "ful", "ies", "ie
 
 
 def stem(word: str) -> str:
-    """A crude stem, enough to see that sad / sadness / sadly or relaxing /
-    relaxation name one group: the word less its longest common suffix,
-    never shorter than three letters."""
+    """A crude stem, enough to see that sad / sadness / sadly, relaxing /
+    relaxation or challenge / challenging name one group: the word less its
+    longest common suffix, then less a final e, never shorter than three letters."""
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)]
-    return word
+            word = word[: -len(suffix)]
+            break
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
 
 def _extends(shorter: list[str], longer: list[str]) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 from treesynth.engine import checks, leaves, prompts, schemas, selection, spec
 from treesynth.store.keys import content_key
 
-REVISION = 4  # 1: version 0.1.0 (prompts about JSON, n samples per call, no dedup); 2: one leaf after another; 3: batched rounds (all pivot requests at once, leaves take turns by request index); 4: a value that names a dimension is refused, a sample in another script than the task, or one that zlib compresses below 0.3, is dropped
+REVISION = 4  # 1: version 0.1.0 (prompts about JSON, n samples per call, no dedup); 2: one leaf after another; 3: batched rounds (all pivot requests at once, leaves take turns by request index); 4: a value that names a dimension is refused, a sample in another script than the task, or one that zlib compresses below 0.3, is dropped; challenge / challenging name one group
 
 _RULES = (
     checks.value_problem,

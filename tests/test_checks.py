@@ -61,6 +61,7 @@ def test_format_words_are_refused_unless_the_task_uses_them():
 def test_values_that_extend_one_another_are_refused():
     assert values_problem(["json", "json json", "other thing"]) == "values 'json' and 'json json' name one group"
     assert values_problem(["calm", "sad", "sadness"]) == "values 'sad' and 'sadness' name one group"
+    assert values_problem(["challenge", "challenging", "easy"]) == "values 'challenge' and 'challenging' name one group"
     assert values_problem(["relaxing", "relaxation"]) == "values 'relaxing' and 'relaxation' name one group"
     assert values_problem(["serves one", "serves two"]) is None
     assert values_problem(["blender", "toaster", "kettle"]) is None
