@@ -56,11 +56,3 @@ def answer(model: Model, calls: Sequence[KeyedCall]) -> list[tuple[CallRecord | 
         )
         answered.append((record, response, False))
     return answered
-
-
-def answer_call(
-    model: Model, store: Store, fingerprint: dict[str, Any], request: Request, *, node: str, role: str, step: str, attempt: int
-) -> tuple[CallRecord | None, Response, bool]:
-    """One call, looked up and answered."""
-    where = {"node": node, "role": role, "step": step, "attempt": attempt}
-    return answer(model, look_up(store, fingerprint, [(request, where)]))[0]
