@@ -212,8 +212,9 @@ def test_a_model_that_fails_mid_run_ends_in_one_line_for_run_baseline_and_balanc
         assert result.exit_code == 2, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
         assert "Traceback" not in result.stderr
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr
+        lines = [line.rstrip() for line in result.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        assert errors == [lines[-1]], result.stderr
         assert f"the fake model failed as asked after {after} calls" in errors[0]
         assert "nothing committed was lost" in errors[0] and "continue with: treesynth" in errors[0]
 
