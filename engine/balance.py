@@ -13,7 +13,7 @@ made by leaf synthesis under its attributes, in calls of ``leaf_samples``
 samples, each call stored like a tree run's leaf call.
 
 Batching: like the tree driver, the balancer hands the model many requests
-at once, ``BATCH_PER_SEQUENCE`` x the model's parallel sequences: the routing
+at once, ``calls.batch_size(model)`` of them: the routing
 requests of a group of samples at one level of the tree, then the next
 level's; every shortfall call's first attempt, then the retries. Every call
 is keyed and seeded on its own, so an answer does not depend on its batch,
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generator, Sequence
 
 from treesynth.engine import checks, prompts
-from treesynth.engine.calls import answer, look_up
+from treesynth.engine.calls import answer, batch_size, look_up
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import call_sizes, draw_attributes
 from treesynth.engine.schemas import parse_samples, samples_schema
@@ -35,8 +35,6 @@ from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, ModelError, Request, Response
 from treesynth.store import Step, Store
 from treesynth.store.keys import content_key, derive_seed
-
-BATCH_PER_SEQUENCE = 4  # requests per batch for each sequence the model decodes at once (as the tree driver)
 
 ROUTE_MAX_TOKENS = 128  # an enum value is at most 60 characters
 ROUTE_TEXT_MAX_CHARS = 3000  # a longer sample is cut in the routing prompt only
@@ -131,10 +129,6 @@ class Balancer:
         self.calls_sent = 0
         self.calls_replayed = 0
 
-    @property
-    def batch_size(self) -> int:
-        return BATCH_PER_SEQUENCE * max(1, int(getattr(self.model, "parallel", 1)))
-
     def _pass_infinite(self, node: dict[str, Any]) -> dict[str, Any]:
         """An infinite node passes samples through to its one child, without a call."""
         while node["state"] == "split" and node["infinite"]:
@@ -186,8 +180,8 @@ class Balancer:
     def route_all(self, texts: Sequence[str]) -> Events:
         """Each text's leaf key, in input order; routed in groups of a batch."""
         leaves = []
-        for start in range(0, len(texts), self.batch_size):
-            group = texts[start : start + self.batch_size]
+        for start in range(0, len(texts), batch_size(self.model)):
+            group = texts[start : start + batch_size(self.model)]
             for offset, (leaf, calls) in enumerate(self._route_group(group)):
                 leaves.append(leaf)
                 yield SampleRouted(start + offset, leaf, calls)
@@ -207,8 +201,8 @@ class Balancer:
         made: dict[tuple[int, int], list[tuple[dict[str, Any], dict[str, str]]]] = {}
         for attempt in range(config.call_retries):
             retry = []
-            for start in range(0, len(pending), self.batch_size):
-                batch = pending[start : start + self.batch_size]
+            for start in range(0, len(pending), batch_size(self.model)):
+                batch = pending[start : start + batch_size(self.model)]
                 requests = []
                 for which, index, n, attributes, messages, schema in batch:
                     leaf = shortfalls[which][0]

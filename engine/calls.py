@@ -10,6 +10,21 @@ from treesynth.models.base import Model, Request, Response
 from treesynth.store import CallRecord, Store
 from treesynth.store.keys import call_key
 
+# Requests per batch handed to the model, per sequence it decodes at once: a
+# slot that finishes early takes the next request of the batch; answers are
+# committed when the whole batch is back. The tree driver and balance both
+# cut their calls into batches of ``batch_size(model)``.
+BATCH_PER_SEQUENCE = 4
+
+
+def sequences(model: Model) -> int:
+    """Sequences the model decodes at once (1 for a model that does not say)."""
+    return max(1, int(getattr(model, "parallel", 1)))
+
+
+def batch_size(model: Model) -> int:
+    return BATCH_PER_SEQUENCE * sequences(model)
+
 
 @dataclass(frozen=True)
 class KeyedCall:

@@ -52,13 +52,14 @@ def probe(model, config: TaskConfig, load_seconds: float, name: str) -> plans.Ra
     are kept: each response's seconds are its share of the batch's wall time,
     so the rates are per call at the run's width."""
     from treesynth.engine import prompts
+    from treesynth.engine.calls import sequences
     from treesynth.engine.schemas import request_schema
     from treesynth.models.base import Request
     from treesynth.store.keys import derive_seed, root_key
 
     n = min(config.samples_per_request, config.pivots)
     messages = prompts.pivots_messages(config.description, [], config.sample_schema, n, config.prompts.pivots)
-    width = max(1, min(int(getattr(model, "parallel", 1)), plans.pivot_requests(config)))
+    width = min(sequences(model), plans.pivot_requests(config))
     requests = [
         Request(
             messages=messages,

@@ -30,7 +30,7 @@ from typing import Any, Generator, Iterator
 
 from treesynth.engine import events as ev
 from treesynth.engine import checks, prompts
-from treesynth.engine.calls import answer, look_up
+from treesynth.engine.calls import answer, batch_size, look_up, sequences
 from treesynth.engine.checks import clean, copied_problem, criterion_problem, path_value_problem, usable_values, words_of
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.leaves import (
@@ -51,10 +51,6 @@ from treesynth.store.keys import canonical_json, content_key, derive_seed, node_
 
 Events = Generator[Any, Any, Any]  # yields events and Asks; an Ask is sent back its answers
 LEAF_STATES = ("leaf", "planned", "done")
-# Requests per batch handed to the model, per sequence it decodes at once: a
-# slot that finishes early takes the next request of the batch; answers are
-# committed when the whole batch is back.
-BATCH_PER_SEQUENCE = 4
 
 
 @dataclass(frozen=True)
@@ -83,8 +79,8 @@ class TreeSynth:
         self.calls_sent = 0
         self.calls_replayed = 0
         self.model_seconds = 0.0
-        self.parallel = max(1, int(getattr(model, "parallel", 1)))
-        self.batch_size = BATCH_PER_SEQUENCE * self.parallel
+        self.parallel = sequences(model)
+        self.batch_size = batch_size(model)
 
     # -- driver --------------------------------------------------------
 

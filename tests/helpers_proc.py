@@ -109,8 +109,8 @@ def stored_requests(store: Path) -> set[str]:
 def lost_in_flight(sent: list[str], stored: set[str]) -> list[str]:
     """The requests a stopped run sent but did not store. Only the batch in
     flight can be lost: they must be the last ones sent, at most one batch
-    (engine/tree.py: BATCH_PER_SEQUENCE per sequence; the fake model decodes one)."""
-    from treesynth.engine.tree import BATCH_PER_SEQUENCE
+    (engine/calls.py: BATCH_PER_SEQUENCE per sequence; the fake model decodes one)."""
+    from treesynth.engine.calls import BATCH_PER_SEQUENCE
 
     unstored = [r for r in sent if r not in stored]
     assert unstored == sent[len(sent) - len(unstored) :], "a request before the last batch was not stored"

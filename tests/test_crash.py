@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from treesynth.engine.tree import BATCH_PER_SEQUENCE
+from treesynth.engine.calls import BATCH_PER_SEQUENCE
 from helpers_proc import (
     lost_in_flight,
     FAKE_TASK,
