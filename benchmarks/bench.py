@@ -308,14 +308,29 @@ def _aggregate(responses) -> float:
     return sum(r.completion_tokens for r in responses) / seconds if seconds else 0.0
 
 
+def _run_task(config, embedder, model) -> dict[str, Any]:
+    """The bench's run of ``config`` on ``model`` in a new temporary store:
+    wall seconds, calls sent, samples and the export's text."""
+    from treesynth.engine.events import RunFinished
+    from treesynth.engine.export import iter_records
+    from treesynth.engine.runs import method_of, open_run_store
+    from treesynth.engine.tree import TreeSynth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store, _ = open_run_store(Path(tmp) / "e2e.db", config, model.fingerprint, method_of(embedder))
+        try:
+            finished = [e for e in TreeSynth(config, model, store, embedder).run() if isinstance(e, RunFinished)][-1]
+            export = "".join(iter_records(store, list(config.sample_schema["properties"])))
+        finally:
+            store.close()
+    return {"wall_s": finished.wall_seconds, "calls": finished.calls_sent, "samples": finished.samples, "export": export}
+
+
 def end_to_end(task: dict[str, Any], threads: int | None) -> dict[str, Any]:
     """A fixed run on the embedded model at --parallel 1 and at the default:
     wall seconds each, the speed-up, and whether the exports are the same bytes."""
     from treesynth.engine.config import build_config
-    from treesynth.engine.events import RunFinished
-    from treesynth.engine.export import iter_records
-    from treesynth.engine.runs import load_embedder, method_of, open_run_store
-    from treesynth.engine.tree import TreeSynth
+    from treesynth.engine.runs import load_embedder
     from treesynth.models.llamacpp import DEFAULT_PARALLEL, LlamaCppModel
 
     config = build_config({"description": DESCRIPTION, **task}, {})
@@ -323,16 +338,8 @@ def end_to_end(task: dict[str, Any], threads: int | None) -> dict[str, Any]:
     runs = {}
     for parallel in (1, DEFAULT_PARALLEL):
         model = LlamaCppModel(smollm2_path(), threads=threads, parallel=parallel)
-        with tempfile.TemporaryDirectory() as tmp:
-            store, _ = open_run_store(Path(tmp) / "e2e.db", config, model.fingerprint, method_of(embedder))
-            try:
-                finished = [e for e in TreeSynth(config, model, store, embedder).run() if isinstance(e, RunFinished)][-1]
-                fields = list(config.sample_schema["properties"])
-                export = "".join(iter_records(store, fields))
-            finally:
-                store.close()
+        runs[parallel] = _run_task(config, embedder, model)
         model.close()
-        runs[parallel] = {"wall_s": finished.wall_seconds, "calls": finished.calls_sent, "samples": finished.samples, "export": export}
     one, default = runs[1], runs[DEFAULT_PARALLEL]
     return {
         "task": task,
@@ -380,10 +387,7 @@ def server_end_to_end(task: dict[str, Any], binary: Path, slot_counts: tuple[int
     """The end-to-end run against llama-server with each slot count: wall
     seconds, calls, and whether every slot count gave the same export bytes."""
     from treesynth.engine.config import build_config
-    from treesynth.engine.events import RunFinished
-    from treesynth.engine.export import iter_records
-    from treesynth.engine.runs import load_embedder, method_of, open_run_store
-    from treesynth.engine.tree import TreeSynth
+    from treesynth.engine.runs import load_embedder
     from treesynth.models.loader import ServerOptions, load_server
 
     config = build_config({"description": DESCRIPTION, **task}, {})
@@ -392,18 +396,10 @@ def server_end_to_end(task: dict[str, Any], binary: Path, slot_counts: tuple[int
     for slots in slot_counts:
         server, url = _start_llama_server(binary, slots, threads, 4096)
         try:
-            model = load_server(ServerOptions(urls=(url,)))
-            with tempfile.TemporaryDirectory() as tmp:
-                store, _ = open_run_store(Path(tmp) / "server.db", config, model.fingerprint, method_of(embedder))
-                try:
-                    finished = [e for e in TreeSynth(config, model, store, embedder).run() if isinstance(e, RunFinished)][-1]
-                    export = "".join(iter_records(store, list(config.sample_schema["properties"])))
-                finally:
-                    store.close()
+            runs[slots] = _run_task(config, embedder, load_server(ServerOptions(urls=(url,))))
         finally:
             server.terminate()
             server.wait(timeout=30)
-        runs[slots] = {"wall_s": finished.wall_seconds, "calls": finished.calls_sent, "samples": finished.samples, "export": export}
     first = runs[slot_counts[0]]
     return {
         "task": task,
