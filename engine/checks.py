@@ -276,10 +276,11 @@ def sample_problem(text: str, task_words: frozenset[str], dimensions: Sequence[s
     if spoken:
         return f"speaks of the format ({spoken[0]})"
     visible = [c for c in text if not c.isspace()]
+    letters = sum(c.isalpha() for c in visible)
     letters_needed = 0.2 if markup_task(task_words) else 0.5  # code and LaTeX are symbol-heavy by nature
-    if not visible or sum(c.isalpha() for c in visible) < letters_needed * len(visible):
+    if not visible or letters < letters_needed * len(visible):
         return "mostly digits or symbols"
-    if _latin_share("".join(task_words)) >= 0.9 and sum(c.isalpha() for c in visible) >= 20 and _latin_share(visible) < 0.5:
+    if letters >= 20 and _latin_share("".join(task_words)) >= 0.9 and _latin_share(visible) < 0.5:
         return "written in another script than the task"
     raw = text.encode("utf-8")
     if len(raw) >= 100 and len(zlib.compress(raw, 9)) < (0.2 if markup_task(task_words) else 0.3) * len(raw):
