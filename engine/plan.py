@@ -1,7 +1,7 @@
 """What a run will cost before it starts: nodes, model calls by role, samples,
 tokens and time, as a worst case and as an expected case. Pure arithmetic
 over a TaskConfig; no model, no store, no I/O (``treesynth plan`` measures
-and prints, engine/cli_plan.py).
+and prints, engine/cli/plan.py).
 
 Worst case (an upper bound, each count bounded on its own):
 

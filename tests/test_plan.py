@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine_helpers import make_store, run_engine
-from treesynth.engine import cli_plan
+from treesynth.engine.cli import plan as cli_plan
 from treesynth.engine import plan as plans
 from treesynth.engine.cli import app
 from treesynth.engine.config import TaskConfig

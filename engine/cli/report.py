@@ -11,18 +11,11 @@ from pathlib import Path
 
 import typer
 
+from treesynth.engine.cli import harness as cli
 from treesynth.store.files import write_atomically
 
 
-def _cli():
-    # Imported late: engine/cli.py imports this module while it is being set up.
-    from treesynth.engine import cli
-
-    return cli
-
-
 def _check_output(output: Path) -> None:
-    cli = _cli()
     cli.check_output_file(output)
     parent = output.parent if str(output.parent) else Path(".")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -37,7 +30,6 @@ def report(
     sizes, calls and tokens per role and session, dropped samples, diversity."""
     from treesynth.engine.report import report_html
 
-    cli = _cli()
     _check_output(output)
     db = cli.open_store_or_fail(store)
     try:

@@ -25,11 +25,13 @@ from typing import Any, Optional
 import typer
 
 from treesynth.engine import plan as plans
+from treesynth.engine.cli import harness as cli
+from treesynth.engine.cli.run import run as run_command
 from treesynth.engine.config import TaskConfig, build_config
 from treesynth.engine.presets import load_task
 
 # Where `make bench` writes its report: the repository root (the package's folder).
-BENCH_JSON = Path(__file__).resolve().parent.parent / "bench.json"  # an editable install's repo root
+BENCH_JSON = Path(__file__).resolve().parents[2] / "bench.json"  # an editable install's repo root
 
 
 def config_overrides(values: dict[str, Any]) -> dict[str, Any]:
@@ -195,11 +197,9 @@ def assumption_lines(the_plan: plans.Plan, config: TaskConfig, rates: plans.Rate
 
 def _plan_signature():
     """`run`'s signature with --store made optional and --probe/--no-probe added."""
-    from treesynth.engine import cli
-
-    hints = typing.get_type_hints(cli.run)
+    hints = typing.get_type_hints(run_command)
     params = []
-    for param in inspect.signature(cli.run).parameters.values():
+    for param in inspect.signature(run_command).parameters.values():
         param = param.replace(annotation=hints[param.name])
         if param.name == "store":
             param = param.replace(
@@ -223,7 +223,6 @@ def _plan_signature():
 
 
 def register(app: typer.Typer) -> None:
-    from treesynth.engine import cli
 
     def plan(**values: Any) -> None:
         """What `run` with the same flags would cost: nodes, model calls, samples,
@@ -240,7 +239,7 @@ def register(app: typer.Typer) -> None:
         except cli.USER_ERRORS as error:
             cli.fail(str(error))
         for warning in config.warnings:
-            cli.err.print(f"warning: {warning}", highlight=False, markup=False)
+            cli.note(f"warning: {warning}")
         the_plan = plans.plan(config)
         typer.echo(f"plan for: {config.description}")
         for line in count_lines(the_plan):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import typer
 
+from treesynth.engine.cli.harness import fail
 from treesynth.engine.config import ConfigError
 
 
 def register(app: typer.Typer) -> None:
-    from treesynth.engine.cli import fail
     from treesynth.engine.presets import preset_names, preset_summary, preset_text
 
     @app.command()

@@ -10,19 +10,10 @@ from typing import List, Optional
 
 import typer
 
+from treesynth.engine import runs
+from treesynth.engine.cli import harness as cli
 from treesynth.engine.diversity import DEFAULT_MAX_EMBED, DEFAULT_NEAR, InputError
 from treesynth.store.keys import canonical_json
-
-
-def _cli():
-    # Imported late: engine/cli.py imports this module while it is being set up.
-    from treesynth.engine import cli
-
-    return cli
-
-
-def _continue_command() -> str:
-    return _cli()._continue_command()
 
 
 def _write_atomically(output: Optional[Path], lines: List[str]) -> None:
@@ -36,7 +27,7 @@ def _write_atomically(output: Optional[Path], lines: List[str]) -> None:
     try:
         write_atomically(output, lines)
     except OSError as error:
-        _cli().fail(f"cannot write {output}: {error.strerror}")
+        cli.fail(f"cannot write {output}: {error.strerror}")
 
 
 def _is_sqlite(path: Path) -> bool:
@@ -82,7 +73,6 @@ def baseline(
     from treesynth.engine.tree import TreeSynth
     from treesynth.store import Store, check_store_file
 
-    cli = _cli()
     try:
         if sum(x is not None for x in (spec, preset, like)) > 1:
             raise ConfigError("give one of --spec, --preset and --like")
@@ -109,9 +99,9 @@ def baseline(
         config = baseline_config(task, overrides, samples, source=str(spec) if spec else "baseline")
         if store.exists():
             check_store_file(store)
-        embedder = cli.load_embedder()
+        embedder = runs.load_embedder()
         the_model = cli.load_model_or_fail(model, threads, n_ctx, cli.server_options(server, server_model, server_parallel, api_key_env, server_wait))
-        db, resumed = cli.open_run_store(store, config, the_model.fingerprint, cli.method_of(embedder))
+        db, resumed = runs.open_run_store(store, config, the_model.fingerprint, runs.method_of(embedder))
         try:
             prepare(db, config)
         except BaseException:
@@ -120,13 +110,13 @@ def baseline(
     except (*cli.USER_ERRORS, InputError) as error:
         cli.fail(str(error))
     if like_model is not None and like_model != the_model.fingerprint:
-        cli.err.print(f"note: {like} was made with another model ({like_model.get('file', like_model.get('backend'))})", highlight=False, markup=False)
+        cli.note(f"note: {like} was made with another model ({like_model.get('file', like_model.get('backend'))})")
     session = db.begin_session({"threads": threads, "argv": sys.argv[1:], "command": "baseline"}, resumed)
     engine = TreeSynth(config, the_model, db, embedder, session)
     live = progress and cli.err.is_terminal
     last = None
     try:
-        with cli.writing(store, _continue_command()), Renderer(cli.err, live) as renderer:
+        with cli.writing(store, cli.continue_command()), Renderer(cli.err, live) as renderer:
             for event in engine.run():
                 if not (type(event).__name__ == "RunStarted" and not resumed):
                     renderer.handle(event)
@@ -134,7 +124,7 @@ def baseline(
     finally:
         db.close()
     for line in cli.finish_lines(last, config.samples):
-        cli.err.print(line, highlight=False, markup=False)
+        cli.note(line)
     typer.echo(
         f"done: baseline of {last.samples} samples in {store} ({last.dropped} dropped; {last.calls_sent} model calls sent, "
         f"{last.calls_replayed} replayed from the store, {last.wall_seconds:.1f} s)"
@@ -164,7 +154,6 @@ def diversity(
     from treesynth.models.embed import describe_embedder, load_embedder
     from treesynth.store import Store
 
-    cli = _cli()
     fields = list(field) if field else None
     texts_by_input: list[tuple[str, list[str]]] = []
     the_reference = None
@@ -190,12 +179,12 @@ def diversity(
                 records, bad = read_jsonl(path, fields, skip_bad)
                 texts = [r.text for r in records]
             if bad:
-                cli.err.print(f"{path}: skipped {bad} bad lines", highlight=False, markup=False)
+                cli.note(f"{path}: skipped {bad} bad lines")
             texts_by_input.append((str(path), texts))
         if reference is not None:
             reference_texts, bad = read_reference(reference, fields, skip_bad)  # before any model loads
             if bad:
-                cli.err.print(f"{reference}: skipped {bad} bad lines", highlight=False, markup=False)
+                cli.note(f"{reference}: skipped {bad} bad lines")
         the_embedder = None if no_embeddings else load_embedder(embedder, threads=threads)
         if reference is not None:
             the_reference = embed_reference(str(reference), reference_texts, the_embedder, max_embed=max_embed, seed=seed)
@@ -247,7 +236,6 @@ def balance(
     from treesynth.engine.export import is_finished
     from treesynth.store import Store
 
-    cli = _cli()
     fields = list(field) if field else None
     try:
         if per_leaf < 1:
@@ -270,13 +258,13 @@ def balance(
     except (*cli.USER_ERRORS, InputError) as error:
         cli.fail(str(error))
     if bad:
-        cli.err.print(f"{data}: skipped {bad} bad lines", highlight=False, markup=False)
+        cli.note(f"{data}: skipped {bad} bad lines")
     resumed = bool(db.call_count("route"))
     session = db.begin_session({"threads": threads, "argv": sys.argv[1:], "command": "balance"}, resumed)
     balancer = bal.Balancer(db, the_model, seed=seed, session=session)
     field_order = list(balancer.config.sample_schema["properties"])
     try:
-        with cli.writing(store, _continue_command()):
+        with cli.writing(store, cli.continue_command()):
             plans = _run_balance(balancer, [r.text for r in records], per_leaf, progress and cli.err.is_terminal)
     finally:
         db.close()
@@ -287,7 +275,7 @@ def balance(
     ]
     for line in lines:
         if output is None:
-            cli.err.print(line, highlight=False, markup=False)
+            cli.note(line)
         else:
             typer.echo(line)
 
@@ -298,11 +286,10 @@ def _run_balance(balancer, texts: List[str], per_leaf: int, live: bool):
 
     from treesynth.engine import balance as bal
 
-    cli = _cli()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=cli.err, disable=not live) as bar:
         task = bar.add_task("routing", total=len(texts))
         if not live:
-            cli.err.print(f"routing {len(texts)} samples down {len(balancer.tree.leaves)} leaves", highlight=False, markup=False)
+            cli.note(f"routing {len(texts)} samples down {len(balancer.tree.leaves)} leaves")
         engine = bal.balance(balancer, texts, per_leaf)
         try:
             while True:
@@ -312,11 +299,7 @@ def _run_balance(balancer, texts: List[str], per_leaf: int, live: bool):
                 elif isinstance(event, bal.BalancePlanned):
                     bar.update(task, description="synthesising", total=event.calls, completed=0)
                     if not live and event.calls:
-                        cli.err.print(
-                            f"synthesising {event.shortfall} samples for {event.leaves_short} leaves in {event.calls} calls",
-                            highlight=False,
-                            markup=False,
-                        )
+                        cli.note(f"synthesising {event.shortfall} samples for {event.leaves_short} leaves in {event.calls} calls")
         except StopIteration as stop:
             return stop.value
 
