@@ -133,7 +133,7 @@ def measure_store(path: Path, task: dict, embedder, reference) -> dict:
     try:
         texts, _ = div.store_texts(store, None)
         nodes = store.nodes()
-        max_depth = store.run()["config"].get("depth", 0)
+        max_depth = store.run().config.get("depth", 0)
     finally:
         store.close()
     row: dict = {"samples": len(texts), "format": format_share(texts, task["description"])}
@@ -143,13 +143,13 @@ def measure_store(path: Path, task: dict, embedder, reference) -> dict:
         row["near_duplicates"] = sum(div.cosine_near_duplicate_flags(vectors)) / len(texts)
         row["reference_similarity"] = div.reference_similarity(vectors, reference.embeddings) if reference else None
     if max_depth > 0:  # a tree, not a baseline
-        inner = [n for n in nodes if n["depth"] < max_depth]
-        pairs = [(n["dimension"], v) for n in nodes if n["state"] == "split" for v in n["value_list"] or []]
-        row["split_share"] = sum(n["state"] == "split" for n in inner) / len(inner) if inner else None
-        row["depth_reached"] = max((n["depth"] for n in nodes), default=0)
+        inner = [n for n in nodes if n.depth < max_depth]
+        pairs = [(n.dimension, v) for n in nodes if n.state == "split" for v in n.value_list or []]
+        row["split_share"] = sum(n.state == "split" for n in inner) / len(inner) if inner else None
+        row["depth_reached"] = max((n.depth for n in nodes), default=0)
         row["word_pairs"] = sum(_phrase(d) and _phrase(v) for d, v in pairs) / len(pairs) if pairs else None
-        row["splits"] = [{"path": n["path"], "dimension": n["dimension"], "values": n["value_list"]} for n in nodes if n["state"] == "split"]
-        row["not_split"] = [{"path": n["path"], "reason": n["reason"]} for n in inner if n["state"] != "split"]
+        row["splits"] = [{"path": n.path, "dimension": n.dimension, "values": n.value_list} for n in nodes if n.state == "split"]
+        row["not_split"] = [{"path": n.path, "reason": n.reason} for n in inner if n.state != "split"]
     return row
 
 
@@ -241,7 +241,7 @@ def main() -> None:
                 from treesynth.store import Store
 
                 store = Store.open_existing(run["tree_store"], readonly=True)
-                model = store.run()["model"]
+                model = store.run().model
                 store.close()
             rows.append({"name": task["name"], "description": task["description"], "preset": task["preset"], "reference": task["reference"] and str(task["reference"].relative_to(ROOT)), "tree": tree, "baseline": baseline})
     finally:

@@ -84,16 +84,16 @@ class Tree:
     """A finished tree read from a store: nodes, children in tree order, leaves."""
 
     def __init__(self, store: Store):
-        self.nodes = {n["key"]: n for n in store.nodes()}
+        self.nodes = {n.key: n for n in store.nodes()}
         self.children: dict[str, list[dict[str, Any]]] = {}
-        for node in sorted(self.nodes.values(), key=lambda n: n["position"]):
-            if node["parent"] is not None:
-                self.children.setdefault(node["parent"], []).append(node)
-        self.root = next(n for n in self.nodes.values() if n["depth"] == 0)
-        self.leaves = sorted((n for n in self.nodes.values() if n["state"] in LEAF_STATES), key=lambda n: n["position"])
+        for node in sorted(self.nodes.values(), key=lambda n: n.position):
+            if node.parent is not None:
+                self.children.setdefault(node.parent, []).append(node)
+        self.root = next(n for n in self.nodes.values() if n.depth == 0)
+        self.leaves = sorted((n for n in self.nodes.values() if n.state in LEAF_STATES), key=lambda n: n.position)
 
     def label(self, leaf: dict[str, Any]) -> str:
-        parts = [f"{dim}: any of {len(value)}" if isinstance(value, list) else str(value) for dim, value in leaf["path"]]
+        parts = [f"{dim}: any of {len(value)}" if isinstance(value, list) else str(value) for dim, value in leaf.path]
         return " > ".join(parts) if parts else "(root)"
 
 
@@ -121,7 +121,7 @@ class Balancer:
         self.store = store
         self.model = model
         self.fingerprint = model.fingerprint
-        self.config = TaskConfig.model_validate(store.run()["config"])
+        self.config = TaskConfig.model_validate(store.run().config)
         self.seed = self.config.seed if seed is None else seed
         self.session = session
         self.validator = checks.schema_validator(self.config.sample_schema)
@@ -131,23 +131,23 @@ class Balancer:
 
     def _pass_infinite(self, node: dict[str, Any]) -> dict[str, Any]:
         """An infinite node passes samples through to its one child, without a call."""
-        while node["state"] == "split" and node["infinite"]:
-            node = self.tree.children[node["key"]][0]
+        while node.state == "split" and node.infinite:
+            node = self.tree.children[node.key][0]
         return node
 
     def _route_call(self, node: dict[str, Any], text: str) -> tuple[Request, dict[str, Any], list[str]]:
-        values = [child["path"][-1][1] for child in self.tree.children[node["key"]]]
-        attributes = [(d, v) for d, v in node["path"] if not isinstance(v, list)]
+        values = [child.path[-1][1] for child in self.tree.children[node.key]]
+        attributes = [(d, v) for d, v in node.path if not isinstance(v, list)]
         step = "route:" + content_key(text)
         request = Request(
-            messages=route_messages(self.config.description, attributes, node["dimension"], values, text),
+            messages=route_messages(self.config.description, attributes, node.dimension, values, text),
             schema=route_schema(values),
             max_tokens=ROUTE_MAX_TOKENS,
             temperature=0.0,
             top_p=self.config.top_p,
-            seed=derive_seed(self.seed, node["key"], step, 0),
+            seed=derive_seed(self.seed, node.key, step, 0),
         )
-        return request, {"node": node["key"], "role": "route", "step": step, "attempt": 0}, values
+        return request, {"node": node.key, "role": "route", "step": step, "attempt": 0}, values
 
     def _child(self, node: dict[str, Any], values: list[str], response: Response) -> dict[str, Any]:
         try:
@@ -156,7 +156,7 @@ class Balancer:
             value = None
         if value not in values:  # only an answer cut off at max_tokens could get here
             raise ModelError(f"routing answer {response.text[:80]!r} is not one of the node's values {values}")
-        return self.tree.children[node["key"]][values.index(value)]
+        return self.tree.children[node.key][values.index(value)]
 
     def route(self, text: str) -> tuple[str, int]:
         """The leaf key this sample lands in, and how many routing calls it took."""
@@ -168,9 +168,9 @@ class Balancer:
         nodes = [self._pass_infinite(self.tree.root) for _ in texts]
         calls = [0] * len(texts)
         while True:
-            pending = [i for i, node in enumerate(nodes) if node["state"] == "split"]
+            pending = [i for i, node in enumerate(nodes) if node.state == "split"]
             if not pending:
-                return [(node["key"], n) for node, n in zip(nodes, calls)]
+                return [(node.key, n) for node, n in zip(nodes, calls)]
             made = [self._route_call(nodes[i], texts[i]) for i in pending]
             responses = self._calls([(request, where) for request, where, _ in made])
             for i, (_, _, values), response in zip(pending, made, responses):
@@ -195,7 +195,7 @@ class Balancer:
         pending = []  # (which shortfall, call index, samples asked, attributes, messages, schema)
         for which, (leaf, shortfall) in enumerate(shortfalls):
             for index, n in enumerate(call_sizes(shortfall, config.leaf_samples)):
-                attributes = draw_attributes(leaf["path"], derive_seed(self.seed, leaf["key"], f"balance:{index}", 0))
+                attributes = draw_attributes(leaf.path, derive_seed(self.seed, leaf.key, f"balance:{index}", 0))
                 messages = prompts.leaf_messages(config.description, attributes, config.sample_schema, n, config.prompts.leaf)
                 pending.append((which, index, n, attributes, messages, samples_schema(config.sample_schema, n)))
         made: dict[tuple[int, int], list[tuple[dict[str, Any], dict[str, str]]]] = {}
@@ -213,21 +213,21 @@ class Balancer:
                         max_tokens=config.max_tokens,
                         temperature=config.temperature.leaf,
                         top_p=config.top_p,
-                        seed=derive_seed(self.seed, leaf["key"], step, attempt),
+                        seed=derive_seed(self.seed, leaf.key, step, attempt),
                     )
-                    requests.append((request, {"node": leaf["key"], "role": "balance", "step": step, "attempt": attempt}))
+                    requests.append((request, {"node": leaf.key, "role": "balance", "step": step, "attempt": attempt}))
                 for entry, response in zip(batch, self._calls(requests)):
                     which, index, n, attributes, _, _ = entry
                     leaf = shortfalls[which][0]
                     parsed = parse_samples(response.text, n)
                     # An answer with a sample that breaks the schema is retried like unparsable text.
                     if parsed is not None and not any(checks.schema_problem(self.validator, s) for s in parsed):
-                        samples = [finish_sample(config, s, leaf["key"], index, i) for i, s in enumerate(parsed)]
+                        samples = [finish_sample(config, s, leaf.key, index, i) for i, s in enumerate(parsed)]
                         made[which, index] = [(s, dict(attributes)) for s in samples]
-                        yield ShortfallCall(leaf["key"], index, len(samples))
+                        yield ShortfallCall(leaf.key, index, len(samples))
                     elif attempt == config.call_retries - 1:
                         made[which, index] = []
-                        yield ShortfallCall(leaf["key"], index, 0)
+                        yield ShortfallCall(leaf.key, index, 0)
                     else:
                         retry.append(entry)
             pending = retry
@@ -291,13 +291,13 @@ class LeafPlan:
 
 def plan_balance(tree: Tree, routes: Sequence[str], per_leaf: int, seed: int) -> list[LeafPlan]:
     """Per leaf, in tree order: the samples routed there, the ones kept, the shortfall."""
-    routed: dict[str, list[int]] = {leaf["key"]: [] for leaf in tree.leaves}
+    routed: dict[str, list[int]] = {leaf.key: [] for leaf in tree.leaves}
     for index, leaf in enumerate(routes):
         routed[leaf].append(index)
     plans = []
     for leaf in tree.leaves:
-        indices = routed[leaf["key"]]
-        kept = downsample(indices, per_leaf, derive_seed(seed, leaf["key"], "downsample", 0))
+        indices = routed[leaf.key]
+        kept = downsample(indices, per_leaf, derive_seed(seed, leaf.key, "downsample", 0))
         plans.append(LeafPlan(leaf, tree.label(leaf), indices, kept, max(0, per_leaf - len(indices))))
     return plans
 
@@ -330,7 +330,7 @@ def output_lines(plans: Sequence[LeafPlan], raw_lines: Sequence[str], field_orde
         for sample, attributes in plan.synthesised:
             record = {name: sample[name] for name in field_order if name in sample}
             record.update((k, v) for k, v in sample.items() if k not in record)
-            record.update({"synthesised": True, "leaf": plan.leaf["key"], "attributes": attributes})
+            record.update({"synthesised": True, "leaf": plan.leaf.key, "attributes": attributes})
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     return lines
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from treesynth.engine.config import TaskConfig, build_config
 from treesynth.engine.leaves import call_sizes, request_limit
-from treesynth.store import Store, StoreError
-from treesynth.store.keys import canonical_json, root_key
+from treesynth.store import Node, Store, StoreError
+from treesynth.store.keys import root_key
 
 # Keys of a tree run's config that a baseline copies with --like: everything
 # that decides what one leaf call asks for and how it is sampled.
@@ -59,19 +59,19 @@ def prepare(store: Store, config: TaskConfig) -> bool:
             raise StoreError(f"{store.path} is a baseline of {mark} samples, not {samples}")
         return False
     plan = baseline_plan(samples, config.leaf_samples)
-    root = {
-        "key": root_key(),
-        "parent": None,
-        "depth": 0,
-        "position": "",
-        "path": canonical_json([]),
-        "state": "planned",
-        "plan": canonical_json(plan),
-        "target": samples,
-        "request_limit": request_limit(samples, config.samples_per_request, config.requests_per_sample),
-        "calls_done": 0,
-        "kept": 0,
-    }
+    root = Node(
+        key=root_key(),
+        parent=None,
+        depth=0,
+        position="",
+        path=[],
+        state="planned",
+        plan=plan,
+        target=samples,
+        request_limit=request_limit(samples, config.samples_per_request, config.requests_per_sample),
+        calls_done=0,
+        kept=0,
+    )
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     store.create_baseline(root, samples, created)
     return True

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import xxhash
 
-from treesynth.store import Store
+from treesynth.store import Node, Store
 
 MARK = "<!-- written by treesynth export; rewritten by the next export to this folder -->"
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -100,12 +100,12 @@ def size_category(n: int) -> str:
 # -- records and columns --------------------------------------------------------------
 
 
-def _records(store: Store, nodes: list[dict], fields: list[str], seed: int, splits) -> tuple[dict[str, list[dict]], list[str]]:
+def _records(store: Store, nodes: list[Node], fields: list[str], seed: int, splits) -> tuple[dict[str, list[dict]], list[str]]:
     """Records by split in tree order, and the tree's dimensions in first-use order."""
     by_split: dict[str, list[dict]] = {name: [] for name, _ in splits}
     dimensions: dict[str, None] = {}
     for node in nodes:
-        for dimension, _ in node["path"]:
+        for dimension, _ in node.path:
             dimensions.setdefault(dimension, None)
     for leaf, data, attributes, sample_hash in store.iter_sample_rows():
         sample = json.loads(data)
@@ -183,11 +183,11 @@ def write_dataset(
         raise DatasetError("export --to writes Parquet through pyarrow, which is not installed: pip install 'treesynth[parquet]'") from None
     check_folder(folder)
     run = store.run()
-    config = run["config"]
+    config = run.config
     properties = config["sample_schema"]["properties"]
     fields = list(properties)
     nodes = store.nodes()  # read once: the columns' dimensions and the card's statistics
-    by_split, dimensions = _records(store, nodes, fields, run["seed"], splits)
+    by_split, dimensions = _records(store, nodes, fields, run.seed, splits)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -229,22 +229,22 @@ def _yaml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
 
 
-def tree_statistics(store: Store, nodes: list[dict]) -> dict[str, Any]:
-    leaves = [n for n in nodes if n["state"] in ("leaf", "planned", "done")]
+def tree_statistics(store: Store, nodes: list[Node]) -> dict[str, Any]:
+    leaves = [n for n in nodes if n.state in ("leaf", "planned", "done")]
     counts = store.leaf_counts()
-    kept = [counts.get(n["key"], (0, 0))[0] for n in leaves]
-    max_depth = store.run()["config"]["depth"]
-    inner = [n for n in nodes if n["depth"] < max_depth]
+    kept = [counts.get(n.key, (0, 0))[0] for n in leaves]
+    max_depth = store.run().config["depth"]
+    inner = [n for n in nodes if n.depth < max_depth]
     return {
         "nodes": len(nodes),
-        "split": sum(n["state"] == "split" for n in nodes),
+        "split": sum(n.state == "split" for n in nodes),
         "inner": len(inner),
         "leaves": len(leaves),
-        "early_leaves": sum(1 for n in leaves if n["reason"]),
-        "deepest": max((n["depth"] for n in nodes), default=0),
+        "early_leaves": sum(1 for n in leaves if n.reason),
+        "deepest": max((n.depth for n in nodes), default=0),
         "kept_min": min(kept, default=0),
         "kept_max": max(kept, default=0),
-        "splits": [(n["depth"], [_path_value(p[1]) for p in n["path"]], n["dimension"], n["value_list"]) for n in nodes if n["state"] == "split"],
+        "splits": [(n.depth, [_path_value(p[1]) for p in n.path], n.dimension, n.value_list) for n in nodes if n.state == "split"],
     }
 
 
@@ -257,7 +257,7 @@ def dataset_card(store, nodes, splits, rows: dict[str, int], fields, dimensions,
     from treesynth.engine.diversity import stored_diversity
 
     run = store.run()
-    config = run["config"]
+    config = run.config
     total = sum(rows.values())
     stats = tree_statistics(store, nodes)
     reasons = store.dropped_reasons()
@@ -279,13 +279,13 @@ def dataset_card(store, nodes, splits, rows: dict[str, int], fields, dimensions,
         f"pretty_name: {_yaml_string(config['description'][:80])}",
         "---",
     ]
-    model = run["model"]
+    model = run.model
     lines = [
         MARK,
         "",
         f"# {config['description']}",
         "",
-        f"{total} synthetic records made offline by treesynth {run['treesynth_version']} with the "
+        f"{total} synthetic records made offline by treesynth {run.treesynth_version} with the "
         "[TreeSynth](https://arxiv.org/abs/2503.17195) method: the model itself split the data space into a tree "
         "of attributes, and every record was written for one leaf's path.",
         "",
@@ -350,8 +350,8 @@ def dataset_card(store, nodes, splits, rows: dict[str, int], fields, dimensions,
         f"- model: `{model.get('file', model.get('backend'))}`"
         + (f", `{model['file_hash']}`" if model.get("file_hash") else "")
         + "".join(f", {k} `{model[k]}`" for k in ("backend", "quantisation", "sampler") if model.get(k)),
-        f"- seed: {run['seed']}",
-        f"- method: revision {REVISION}, hash `{run.get('method_hash')}` (prompts, shots, checks and dedup rules; "
+        f"- seed: {run.seed}",
+        f"- method: revision {REVISION}, hash `{run.method_hash}` (prompts, shots, checks and dedup rules; "
         "a store is only continued under the method that wrote it)",
         f"- written with pyarrow {pyarrow_version}",
         "",

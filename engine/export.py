@@ -37,25 +37,25 @@ def render_tree(store: Store) -> list[str]:
     counts = store.leaf_counts()
     lines = []
     for node in store.nodes_in_tree_order():
-        path = node["path"]
-        indent = "  " * node["depth"]
+        path = node.path
+        indent = "  " * node.depth
         if path:
             dimension, value = path[-1]
             label = f"{dimension} = {value}" if not isinstance(value, list) else f"{dimension} ∈ {{{len(value)} values}}"
         else:
             label = "(root)"
-        if node["dimension"] and node["state"] == "split":
-            detail = f"split on {node['dimension']!r}" + (" (infinite)" if node["infinite"] else "")
-        elif node["state"] in ("leaf", "planned", "done"):
-            kept, dropped = counts.get(node["key"], (0, 0))
-            target = node.get("target")
+        if node.dimension and node.state == "split":
+            detail = f"split on {node.dimension!r}" + (" (infinite)" if node.infinite else "")
+        elif node.state in ("leaf", "planned", "done"):
+            kept, dropped = counts.get(node.key, (0, 0))
+            target = node.target
             detail = f"leaf: {kept}" + (f"/{target}" if target is not None else "") + " samples"
             if dropped:
                 detail += f", {dropped} dropped"
-            if node["reason"]:
-                detail += f" ({node['reason']})"
+            if node.reason:
+                detail += f" ({node.reason})"
         else:
-            detail = node["state"]
+            detail = node.state
         lines.append(f"{indent}{label}  [{detail}]")
     return lines
 
@@ -65,7 +65,7 @@ def status_lines(store: Store) -> list[str]:
     counts = store.counts()
     states: dict[str, Any] = counts["states"]
     leaves = sum(states.get(s, 0) for s in ("leaf", "planned", "done"))
-    config = run["config"]
+    config = run.config
     from treesynth.engine.baseline import baseline_mark
     from treesynth.engine.plan import eta_text
     from treesynth.store.rates import progress
@@ -76,7 +76,7 @@ def status_lines(store: Store) -> list[str]:
         f"store:       {store.path}",
         f"kind:        {kind}",
         f"task:        {config['description']}",
-        f"model:       {run['model'].get('file', run['model'].get('backend'))}",
+        f"model:       {run.model.get('file', run.model.get('backend'))}",
         f"parameters:  depth {config['depth']}, pivots {config['pivots']}, "
         + (f"samples {config['samples']}" if config.get("samples") else f"leaf samples {config['leaf_samples']}")
         + f", max values {config['max_values']}, infinite samples {config['infinite_samples']}, seed {config['seed']}",
@@ -86,7 +86,7 @@ def status_lines(store: Store) -> list[str]:
         f"dropped:     {_dropped_line(store)}",
         f"model calls: {counts['calls']} ({counts['tokens']} tokens, {counts['model_seconds']:.1f} s of model time)",
         f"sessions:    {counts['sessions']}",
-        f"decoding:    {_decoding(store, run['model'])}",
+        f"decoding:    {_decoding(store, run.model)}",
         f"finished:    {'yes' if is_finished(states) else 'no'}",
         f"eta:         {eta_text(config, progress(store), counts['calls'], counts['model_seconds'], is_finished(states))}",
     ]

@@ -27,7 +27,7 @@ from typing import Any
 
 from treesynth.engine.diversity import DEFAULT_COSINE_NEAR, StoredDiversity, stored_diversity
 from treesynth.engine.export import is_finished
-from treesynth.store import Store, reports
+from treesynth.store import Run, Store, reports
 from treesynth.store.keys import canonical_json
 
 SAMPLES_PER_LEAF = 3
@@ -60,7 +60,7 @@ def report_html(store: Store) -> str:
     from treesynth.engine.baseline import baseline_mark
 
     run = store.run()
-    config = run["config"]
+    config = run.config
     counts = store.counts()
     nodes = reports.nodes(store)
     parts = [
@@ -132,9 +132,9 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:,.1f}"
 
 
-def _header(store: Store, run: dict[str, Any], counts: dict[str, Any], baseline: int | None) -> str:
-    config = run["config"]
-    model = run["model"]
+def _header(store: Store, run: Run, counts: dict[str, Any], baseline: int | None) -> str:
+    config = run.config
+    model = run.model
     states: dict[str, int] = counts["states"]
     finished = is_finished(states)
     leaves = sum(states.get(s, 0) for s in LEAF_STATES)
@@ -149,9 +149,9 @@ def _header(store: Store, run: dict[str, Any], counts: dict[str, Any], baseline:
         ("store", esc(store.path)),
         ("kind", esc(kind)),
         ("model", esc(model.get("file", model.get("backend", canonical_json(model))))),
-        ("seed", esc(run.get("seed", config.get("seed")))),
+        ("seed", esc(run.seed)),
         ("parameters", esc(parameters)),
-        ("made by", esc(f"treesynth {run.get('treesynth_version') or '?'}, created {run.get('created') or '?'}")),
+        ("made by", esc(f"treesynth {run.treesynth_version or '?'}, created {run.created or '?'}")),
         ("finished", f'<span class="badge {"yes" if finished else "no"}">{"yes" if finished else "no"}</span>'
          + ("" if finished else ' <span class="note">rerun the same command to continue it</span>')),
         ("nodes", esc(f"{sum(states.values())} ({states.get('split', 0)} split, {leaves} leaves, {states.get('done', 0)} leaves done)")),

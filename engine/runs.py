@@ -4,12 +4,10 @@ contract. The CLI, `make bench` and tests use these."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from treesynth.engine.config import TaskConfig, diff_keys
-from treesynth.store import Store
-from treesynth.store.keys import canonical_json
+from treesynth.store import Run, Store
 
 
 def load_embedder():
@@ -33,18 +31,16 @@ def open_run_store(path: Path, config: TaskConfig, fingerprint: dict, method: di
     wanted = {"config": config.model_dump(mode="json"), "model": fingerprint}
     if path.exists():
 
-        def refuse(run_row: dict) -> str | None:
-            stored = run_row.get("method")
-            if stored is None or run_row.get("method_hash") != method_hash(method):
-                old = json.loads(stored) if stored else None
-                version = run_row.get("treesynth_version") or "an earlier version"
+        def refuse(run: Run) -> str | None:
+            if run.method is None or run.method_hash != method_hash(method):
+                version = run.treesynth_version or "an earlier version"
                 return (
                     f"{path} was made by treesynth {version} with a different method "
-                    f"(changed: {', '.join(changed_parts(old, method)[:6])}); continuing would mix two methods in "
+                    f"(changed: {', '.join(changed_parts(run.method, method)[:6])}); continuing would mix two methods in "
                     f"one dataset. Finish it with treesynth {version}, or start a new --store"
                 )
-            differing = diff_keys(run_row["config"], wanted["config"]) + [
-                f"model.{k}" for k in diff_keys(run_row["model"], wanted["model"])
+            differing = diff_keys(run.config, wanted["config"]) + [
+                f"model.{k}" for k in diff_keys(run.model, wanted["model"])
             ]
             if not differing:
                 return None
@@ -60,16 +56,15 @@ def open_run_store(path: Path, config: TaskConfig, fingerprint: dict, method: di
 
     db = Store.create(
         path,
-        {
-            # Key order kept (not canonical JSON): export writes fields in the schema's order.
-            "config": json.dumps(wanted["config"], ensure_ascii=False, separators=(",", ":")),
-            "config_hash": config.content_hash(),
-            "model": canonical_json(fingerprint),
-            "seed": config.seed,
-            "treesynth_version": __version__,
-            "method": canonical_json(method),
-            "method_hash": method_hash(method),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
+        Run(
+            config=wanted["config"],
+            config_hash=config.content_hash(),
+            model=fingerprint,
+            seed=config.seed,
+            treesynth_version=__version__,
+            method=method,
+            method_hash=method_hash(method),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        ),
     )
     return db, False

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generator, Iterator
 
 from treesynth.engine import events as ev
@@ -46,7 +46,7 @@ from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criteri
 from treesynth.engine.selection import SampleFilter, criterion_score, task_words
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, Request, Response
-from treesynth.store import Step, Store
+from treesynth.store import Node, Step, Store
 from treesynth.store.keys import canonical_json, content_key, derive_seed, node_key
 
 Events = Generator[Any, Any, Any]  # yields events and Asks; an Ask is sent back its answers
@@ -99,8 +99,8 @@ class TreeSynth:
         leaves = self.store.nodes(("planned", "done"))
         yield ev.TreeBuilt(
             leaves=len(leaves),
-            planned_samples=sum(leaf["target"] or 0 for leaf in leaves),
-            kept_samples=sum(leaf["kept"] or 0 for leaf in leaves),
+            planned_samples=sum(leaf.target or 0 for leaf in leaves),
+            kept_samples=sum(leaf.kept or 0 for leaf in leaves),
         )
         yield from self._synthesise_planned()
         if self.config.samples is not None:
@@ -109,12 +109,12 @@ class TreeSynth:
 
     def _finished(self, started: float) -> ev.RunFinished:
         root = self.store.nodes(depth=0)[0]
-        root_reason = root["reason"] if self.config.depth > 0 and root["state"] in LEAF_STATES else None
+        root_reason = root.reason if self.config.depth > 0 and root.state in LEAF_STATES else None
         return ev.RunFinished(
             samples=self.store.sample_count(),
             wanted=self.config.samples
             if self.config.samples is not None
-            else sum(leaf["target"] or 0 for leaf in self.store.nodes(("planned", "done"))),
+            else sum(leaf.target or 0 for leaf in self.store.nodes(("planned", "done"))),
             dropped=sum(self.store.dropped_reasons().values()),
             calls_sent=self.calls_sent,
             calls_replayed=self.calls_replayed,
@@ -125,15 +125,15 @@ class TreeSynth:
 
     # -- one node --------------------------------------------------------
 
-    def _split(self, node: dict[str, Any]) -> Events:
-        if node["state"] == "open":
+    def _split(self, node: Node) -> Events:
+        if node.state == "open":
             node = yield from self._pivot_samples(node)
-        if node["state"] == "pivoted":
+        if node.state == "pivoted":
             node = yield from self._criterion(node)
-        if node["state"] == "criterion":
+        if node.state == "criterion":
             yield from self._coverage(node)
 
-    def _pivot_samples(self, node: dict[str, Any]) -> Events:
+    def _pivot_samples(self, node: Node) -> Events:
         """``pivots`` samples of the node's subspace, ``samples_per_request``
         per request, each request its own seed and its own draw of infinite
         values. All requests are asked at once; one whose answer is unusable is
@@ -151,25 +151,25 @@ class TreeSynth:
                 attributes = self._attributes(node, step, attempt)
                 messages = prompts.pivots_messages(self.config.description, attributes, self.config.sample_schema, sizes[index], self.config.prompts.pivots)
                 calls.append(self._request(node, "pivots", step, attempt, messages, request_schema(self.config.sample_schema, sizes[index]), self.config.temperature.pivots))
-            answers = yield Ask((attempt, node["position"]), tuple(calls))
+            answers = yield Ask((attempt, node.position), tuple(calls))
             for index, (call, response) in zip(missing, answers):
                 self._commit(Step(call=call))
                 samples = parse_samples(response.text, sizes[index])
                 if samples is not None:
                     got[index] = samples
                 else:
-                    yield ev.AnswerRejected(node["key"], f"pivots:{index}", attempt, _unusable(response))
+                    yield ev.AnswerRejected(node.key, f"pivots:{index}", attempt, _unusable(response))
         if len(got) < len(sizes):
             return (yield from self._become_leaf(node, f"no usable pivot samples in {self.config.call_retries} attempts"))
         pivots = [sample for index in range(len(sizes)) for sample in got[index]]
-        self._commit(Step(node_updates={node["key"]: {"state": "pivoted", "pivots": canonical_json(pivots)}}))
-        return {**node, "state": "pivoted", "pivots": pivots}
+        self._commit(Step(node_updates={node.key: {"state": "pivoted", "pivots": canonical_json(pivots)}}))
+        return replace(node, state="pivoted", pivots=pivots)
 
-    def _criterion(self, node: dict[str, Any]) -> Events:
+    def _criterion(self, node: Node) -> Events:
         """Gather up to ``criterion_candidates`` usable answers in at most
         ``criterion_retries`` attempts, then keep the best-scoring one."""
-        pivots = node["pivots"]
-        used = [dimension for dimension, _ in node["path"]]
+        pivots = node.pivots
+        used = [dimension for dimension, _ in node.path]
         schema = criterion_schema(len(pivots))
         echo = prompts.instruction_text("criterion", self.config.prompts.criterion)
         own_words = self.words | frozenset(w for p in pivots for w in words_of(prompts.pivot_text(p)))
@@ -186,7 +186,7 @@ class TreeSynth:
                 attributes = self._attributes(node, "criterion", a)
                 messages = prompts.criterion_messages(self.config.description, attributes, pivots, used, self.config.prompts.criterion, a)
                 calls.append(self._request(node, "criterion", "criterion", a, messages, schema, self.config.temperature.criterion))
-            answers = yield Ask((self.config.call_retries + attempts.start, node["position"]), tuple(calls))
+            answers = yield Ask((self.config.call_retries + attempts.start, node.position), tuple(calls))
             for a, (call, response) in zip(attempts, answers):
                 self._commit(Step(call=call))
                 answer = _parse_json(response)
@@ -197,26 +197,26 @@ class TreeSynth:
                     problem = (
                         criterion_problem(dimension, labels, used, self.words, echo)
                         or copied_problem(labels, example_words, own_words)
-                        or path_value_problem(labels, node["path"])
+                        or path_value_problem(labels, node.path)
                     )
                     if problem is None:
                         score = criterion_score(dimension, labels, self.config.description, self.embedder)
                         candidates.append((score, a, dimension, labels))
                         continue
-                yield ev.AnswerRejected(node["key"], "criterion", a, problem)
+                yield ev.AnswerRejected(node.key, "criterion", a, problem)
             attempt = attempts.stop
         if not candidates:
             return (yield from self._become_leaf(node, f"no usable criterion in {self.config.criterion_retries} attempts; last: {problem}"))
         score, attempt, dimension, labels = max(candidates, key=lambda c: (c[0], -c[1]))
         update = {"state": "criterion", "dimension": dimension, "labels": canonical_json(labels)}
-        self._commit(Step(node_updates={node["key"]: update}))
-        yield ev.CriterionChosen(node["key"], dimension, score, len(candidates))
-        return {**node, "state": "criterion", "dimension": dimension, "labels": labels}
+        self._commit(Step(node_updates={node.key: update}))
+        yield ev.CriterionChosen(node.key, dimension, score, len(candidates))
+        return replace(node, state="criterion", dimension=dimension, labels=labels)
 
-    def _coverage(self, node: dict[str, Any]) -> Events:
-        dimension = node["dimension"]
+    def _coverage(self, node: Node) -> Events:
+        dimension = node.dimension
         echo = prompts.instruction_text("coverage", self.config.prompts.coverage)
-        values = usable_values([], node["labels"], dimension, self.words, "")
+        values = usable_values([], node.labels, dimension, self.words, "")
         schema = coverage_schema()
         call = None
         for round_ in range(self.config.coverage_rounds):
@@ -227,10 +227,10 @@ class TreeSynth:
                 self.config.description, attributes, dimension, values, self.config.prompts.coverage, round_
             )
             request = self._request(node, "coverage", f"coverage:{round_}", 0, messages, schema, self.config.temperature.coverage)
-            [(call, response)] = yield Ask((self.config.call_retries + self.config.criterion_retries + round_, node["position"]), (request,))
+            [(call, response)] = yield Ask((self.config.call_retries + self.config.criterion_retries + round_, node.position), (request,))
             answer = _parse_json(response)
             if not isinstance(answer, dict) or answer.get("status") not in COVERAGE_STATUSES:
-                yield ev.AnswerRejected(node["key"], f"coverage:{round_}", 0, _unusable(response))
+                yield ev.AnswerRejected(node.key, f"coverage:{round_}", 0, _unusable(response))
                 break
             if answer["status"] == "null":  # the values so far already cover the dimension
                 break
@@ -239,39 +239,39 @@ class TreeSynth:
             example_words = prompts.coverage_shot_words(round_, dimension)
             offered = [
                 v for v in answer.get("new_values", [])
-                if copied_problem([v], example_words, self.words) is None and path_value_problem([v], node["path"]) is None
+                if copied_problem([v], example_words, self.words) is None and path_value_problem([v], node.path) is None
             ]
             new = usable_values(values, offered, dimension, self.words, echo)
             values += new
             if answer["status"] == "complete" or not new or len(values) > self.config.max_values:
                 break
         infinite = len(values) > self.config.max_values
-        child_depth = node["depth"] + 1
+        child_depth = node.depth + 1
         at_max = child_depth == self.config.depth
         if infinite:
             children = [self._new_node(node, [dimension, values], 0, leaf=at_max)]
         else:
             children = [self._new_node(node, [dimension, v], i, leaf=at_max) for i, v in enumerate(values)]
         update = {"state": "split", "value_list": canonical_json(values), "infinite": int(infinite)}
-        self._commit(Step(call=call, node_updates={node["key"]: update}, new_nodes=children))
-        yield ev.NodeSplit(node["key"], node["depth"], dimension, tuple(values), infinite)
+        self._commit(Step(call=call, node_updates={node.key: update}, new_nodes=children))
+        yield ev.NodeSplit(node.key, node.depth, dimension, tuple(values), infinite)
         if at_max:
             for child in children:
-                yield ev.NodeBecameLeaf(child["key"], child_depth, None)
+                yield ev.NodeBecameLeaf(child.key, child_depth, None)
 
-    def _become_leaf(self, node: dict[str, Any], reason: str) -> Events:
-        self._commit(Step(node_updates={node["key"]: {"state": "leaf", "reason": reason}}))
-        yield ev.NodeBecameLeaf(node["key"], node["depth"], reason)
-        return {**node, "state": "leaf", "reason": reason}
+    def _become_leaf(self, node: Node, reason: str) -> Events:
+        self._commit(Step(node_updates={node.key: {"state": "leaf", "reason": reason}}))
+        yield ev.NodeBecameLeaf(node.key, node.depth, reason)
+        return replace(node, state="leaf", reason=reason)
 
     # -- leaves ------------------------------------------------------------
 
     def _plan(self) -> None:
         """Each leaf's target: its plan's sum, or an equal share of --samples."""
         leaves = self.store.nodes(("leaf", "planned", "done"))
-        leaves.sort(key=lambda n: n["position"])
+        leaves.sort(key=lambda n: n.position)
         plans = plan_leaves(
-            [infinite_dimensions(leaf["path"]) for leaf in leaves],
+            [infinite_dimensions(leaf.path) for leaf in leaves],
             self.config.leaf_samples,
             self.config.infinite_samples,
             self.config.max_samples,
@@ -281,7 +281,7 @@ class TreeSynth:
         else:
             targets = [sum(plan) for plan in plans]
         updates = {
-            leaf["key"]: {
+            leaf.key: {
                 "state": "planned" if target else "done",
                 "plan": canonical_json(plan),
                 "target": target,
@@ -290,7 +290,7 @@ class TreeSynth:
                 "kept": 0,
             }
             for leaf, plan, target in zip(leaves, plans, targets)
-            if leaf["state"] == "leaf"
+            if leaf.state == "leaf"
         }
         self._commit(Step(node_updates=updates))
 
@@ -301,22 +301,21 @@ class TreeSynth:
         """--samples N: while the run holds fewer than N samples, ask the
         leaves with the fewest for the shortfall (``topup_extras``), at most
         TOPUP_ROUNDS times; the round count is committed with the new targets."""
-        run = self.store.run()
-        rounds = run.get("topup_rounds") or 0
+        rounds = self.store.run().topup_rounds
         while rounds < TOPUP_ROUNDS:
             shortfall = self.config.samples - self.store.sample_count()
             if shortfall <= 0:
                 return
-            leaves = sorted(self.store.nodes(("done",)), key=lambda n: n["position"])
+            leaves = sorted(self.store.nodes(("done",)), key=lambda n: n.position)
             if not leaves:
                 return
-            extras = topup_extras([leaf["kept"] or 0 for leaf in leaves], shortfall)
+            extras = topup_extras([leaf.kept or 0 for leaf in leaves], shortfall)
             rounds += 1
             per_request, factor = self.config.samples_per_request, self.config.requests_per_sample
             updates = {
-                leaf["key"]: {
-                    "target": (leaf["kept"] or 0) + extra,
-                    "request_limit": (leaf["calls_done"] or 0) + request_limit(extra, per_request, factor),
+                leaf.key: {
+                    "target": (leaf.kept or 0) + extra,
+                    "request_limit": (leaf.calls_done or 0) + request_limit(extra, per_request, factor),
                     "state": "planned",
                 }
                 for leaf, extra in zip(leaves, extras)
@@ -326,23 +325,23 @@ class TreeSynth:
             yield ev.TopUp(rounds, shortfall, len(updates))
             yield from self._synthesise_planned()
 
-    def _synthesise(self, leaf: dict[str, Any]) -> Events:
+    def _synthesise(self, leaf: Node) -> Events:
         """Leaf requests until the leaf keeps its target or reaches its request limit."""
-        target, kept, index = leaf["target"] or 0, leaf["kept"] or 0, leaf["calls_done"] or 0
+        target, kept, index = leaf.target or 0, leaf.kept or 0, leaf.calls_done or 0
         per_request = self.config.samples_per_request
-        limit = leaf["request_limit"] or 0
+        limit = leaf.request_limit or 0
         if not (kept < target and index < limit):  # a leaf whose target was already met
-            self._commit(Step(node_updates={leaf["key"]: {"state": "done"}}))
+            self._commit(Step(node_updates={leaf.key: {"state": "done"}}))
         while kept < target and index < limit:
             n = min(per_request, target - kept)
             step = f"leaf:{index}"
-            attributes = draw_attributes(leaf["path"], derive_seed(self.config.seed, leaf["key"], step, 0))
+            attributes = draw_attributes(leaf.path, derive_seed(self.config.seed, leaf.key, step, 0))
             messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.leaf)
             schema = request_schema(self.config.sample_schema, n)
             request = self._request(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf)
             # Ordered by request index first: the filter sees every leaf's first
             # request before any leaf's second, fresh or resumed.
-            [(call, response)] = yield Ask((index, leaf["position"]), (request,))
+            [(call, response)] = yield Ask((index, leaf.position), (request,))
             samples = parse_samples(response.text, n)
             rows, dropped = [], []
             if samples is None:
@@ -366,18 +365,18 @@ class TreeSynth:
             index += 1
             finished = kept >= target or index >= limit
             update = {"calls_done": index, "kept": kept, "state": "done" if finished else "planned"}
-            self._commit(Step(call=call, samples=rows, dropped=dropped, node_updates={leaf["key"]: update}))
-            yield ev.LeafCallDone(leaf["key"], index - 1, len(rows), len(dropped))
+            self._commit(Step(call=call, samples=rows, dropped=dropped, node_updates={leaf.key: update}))
+            yield ev.LeafCallDone(leaf.key, index - 1, len(rows), len(dropped))
 
     def _sample_row(self, leaf, call: int, index: int, ordinal: int, sample: dict, attributes, vector) -> dict[str, Any]:
         # The choice shuffle is placed by the sample's ordinal among the
         # leaf's kept samples, so every leaf is balanced however many were dropped.
-        sample = finish_sample(self.config, sample, leaf["key"], 0, ordinal)
+        sample = finish_sample(self.config, sample, leaf.key, 0, ordinal)
         return {
-            "leaf": leaf["key"],
+            "leaf": leaf.key,
             "call": call,
             "idx": index,
-            "position": leaf["position"],
+            "position": leaf.position,
             "data": canonical_json(sample),
             "attributes": canonical_json(dict(attributes)),
             "hash": content_key(sample),
@@ -386,29 +385,24 @@ class TreeSynth:
 
     @staticmethod
     def _dropped_row(leaf, call: int, index: int, data: str, reason: str) -> dict[str, Any]:
-        return {"leaf": leaf["key"], "call": call, "idx": index, "data": data, "reason": reason}
+        return {"leaf": leaf.key, "call": call, "idx": index, "data": data, "reason": reason}
 
     # -- helpers -------------------------------------------------------------
 
-    def _attributes(self, node: dict[str, Any], step: str, attempt: int) -> list[tuple[str, str]]:
-        return draw_attributes(node["path"], derive_seed(self.config.seed, node["key"], "draw:" + step, attempt))
+    def _attributes(self, node: Node, step: str, attempt: int) -> list[tuple[str, str]]:
+        return draw_attributes(node.path, derive_seed(self.config.seed, node.key, "draw:" + step, attempt))
 
-    def _new_node(self, parent, attribute, index: int, leaf: bool) -> dict[str, Any]:
+    def _new_node(self, parent: Node | None, attribute, index: int, leaf: bool) -> Node:
         if parent is None:
-            key, path, depth, position = node_key(None), [], 0, ""
-        else:
-            key = node_key(parent["key"], *attribute)
-            path = parent["path"] + [attribute]
-            depth = parent["depth"] + 1
-            position = f"{parent['position']}.{index:04d}" if parent["position"] else f"{index:04d}"
-        return {
-            "key": key,
-            "parent": parent["key"] if parent else None,
-            "depth": depth,
-            "position": position,
-            "path": canonical_json(path),
-            "state": "leaf" if leaf else "open",
-        }
+            return Node(key=node_key(None), parent=None, depth=0, position="", path=[], state="leaf" if leaf else "open")
+        return Node(
+            key=node_key(parent.key, *attribute),
+            parent=parent.key,
+            depth=parent.depth + 1,
+            position=f"{parent.position}.{index:04d}" if parent.position else f"{index:04d}",
+            path=parent.path + [attribute],
+            state="leaf" if leaf else "open",
+        )
 
     def _request(self, node, role: str, step: str, attempt: int, messages, schema, temperature: float) -> tuple[Request, dict[str, Any]]:
         request = Request(
@@ -417,9 +411,9 @@ class TreeSynth:
             max_tokens=self.config.max_tokens,
             temperature=temperature,
             top_p=self.config.top_p,
-            seed=derive_seed(self.config.seed, node["key"], step, attempt),
+            seed=derive_seed(self.config.seed, node.key, step, attempt),
         )
-        return request, {"node": node["key"], "role": role, "step": step, "attempt": attempt}
+        return request, {"node": node.key, "role": role, "step": step, "attempt": attempt}
 
     # -- gathering and batching -------------------------------------------------
 

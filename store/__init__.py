@@ -48,8 +48,9 @@ from treesynth.store.files import (
     uri_path,
 )
 from treesynth.store.keys import call_key, canonical_json, content_key, node_key
+from treesynth.store.records import Node, Run
 
-__all__ = ["SQLITE_HEADER", "CallRecord", "Step", "Store", "StoreError", "acquire_lock", "check_store_file"]
+__all__ = ["SQLITE_HEADER", "CallRecord", "Node", "Run", "Step", "Store", "StoreError", "acquire_lock", "check_store_file"]
 
 KILL_IN_COMMIT_ENV = "TREESYNTH_TEST_KILL_IN_COMMIT"
 
@@ -75,7 +76,7 @@ class Step:
 
     call: CallRecord | None = None
     node_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
-    new_nodes: list[dict[str, Any]] = field(default_factory=list)
+    new_nodes: list[Node] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     run_updates: dict[str, Any] = field(default_factory=dict)
@@ -112,7 +113,7 @@ class Store:
         return cls(path, readonly=readonly)
 
     @classmethod
-    def open_writer(cls, path: Path, refuse: Callable[[dict[str, Any]], str | None] | None = None) -> "Store":
+    def open_writer(cls, path: Path, refuse: Callable[[Run], str | None] | None = None) -> "Store":
         """The store of a run to continue: checked and locked, then its run
         row read through a read-only connection and passed to ``refuse``
         (which returns why not to continue, or None), and only then opened
@@ -141,7 +142,7 @@ class Store:
             raise
 
     @classmethod
-    def create(cls, path: Path, run: dict[str, Any]) -> "Store":
+    def create(cls, path: Path, run: Run) -> "Store":
         """Create a store atomically and lock it: build it beside the target,
         then hard-link it into place, so the target path only ever holds a
         complete, initialised store, and a store another process created in
@@ -162,7 +163,7 @@ class Store:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             store = cls(tmp)
             with store.transaction():
-                store.db["runs"].insert({"id": 1, **run})
+                store.db["runs"].insert({"id": 1, **run.row()})
             store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             store.db.execute("PRAGMA journal_mode=DELETE")
             store.db.conn.close()
@@ -214,7 +215,7 @@ class Store:
                 row["session"] = session
                 self.db["calls"].insert(row, ignore=True)
             if step.new_nodes:
-                self.db["nodes"].insert_all(step.new_nodes, ignore=True)
+                self.db["nodes"].insert_all([node.row() for node in step.new_nodes], ignore=True)
             for key, fields in step.node_updates.items():
                 self.db["nodes"].update(key, fields)
             if step.samples:
@@ -229,13 +230,10 @@ class Store:
 
     # -- runs and sessions -------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> Run:
         row = self.db.execute("SELECT * FROM runs WHERE id = 1").fetchone()
         cols = [d[0] for d in self.db.execute("SELECT * FROM runs LIMIT 0").description]
-        data = dict(zip(cols, row))
-        data["config"] = json.loads(data["config"])
-        data["model"] = json.loads(data["model"])
-        return data
+        return Run.from_row(dict(zip(cols, row)))
 
     def begin_session(self, settings: dict[str, Any], resumed: bool) -> int:
         with self.transaction():
@@ -257,10 +255,10 @@ class Store:
         row = self.db.execute("SELECT samples FROM baseline WHERE id = 1").fetchone()
         return row[0] if row else None
 
-    def create_baseline(self, root: dict[str, Any], samples: int, created: str) -> None:
+    def create_baseline(self, root: Node, samples: int, created: str) -> None:
         """The baseline's root leaf and its mark, in one transaction."""
         with self.transaction():
-            self.db["nodes"].insert(root)
+            self.db["nodes"].insert(root.row())
             self.db["baseline"].insert({"id": 1, "samples": samples, "created": created})
 
     # -- calls -------------------------------------------------------------
@@ -276,7 +274,7 @@ class Store:
 
     # -- nodes -------------------------------------------------------------
 
-    def nodes(self, states: Sequence[str] | None = None, depth: int | None = None) -> list[dict[str, Any]]:
+    def nodes(self, states: Sequence[str] | None = None, depth: int | None = None) -> list[Node]:
         """Nodes breadth-first (by depth, then tree position), optionally only those in ``states`` and at ``depth``."""
         clauses, params = ["1"], []
         if states is not None:
@@ -286,11 +284,11 @@ class Store:
             clauses.append("depth = ?")
             params.append(depth)
         sql = f"SELECT * FROM nodes WHERE {' AND '.join(clauses)} ORDER BY depth, position"
-        return [_decode_node(r) for r in self.db.query(sql, params)]
+        return [Node.from_row(r) for r in self.db.query(sql, params)]
 
-    def nodes_in_tree_order(self) -> list[dict[str, Any]]:
+    def nodes_in_tree_order(self) -> list[Node]:
         """Nodes depth-first: each node followed by its subtree."""
-        return [_decode_node(r) for r in self.db.query("SELECT * FROM nodes ORDER BY position")]
+        return [Node.from_row(r) for r in self.db.query("SELECT * FROM nodes ORDER BY position")]
 
     def has_root(self) -> bool:
         return self.db.execute("SELECT count(*) FROM nodes WHERE depth = 0").fetchone()[0] > 0
@@ -377,7 +375,7 @@ class Store:
         stored request; each sample's content hash. Streams, so memory stays
         flat on a store of any size."""
         run = self.run()
-        if content_key(run["config"]) != run["config_hash"]:
+        if content_key(run.config) != run.config_hash:
             yield "run: config hash mismatch (the stored config was changed)"
         nodes = self.db.execute("SELECT key, parent, depth, path FROM nodes")
         while batch := nodes.fetchmany(2048):
@@ -387,7 +385,7 @@ class Store:
         calls = self.db.execute("SELECT key, request FROM calls")
         while batch := calls.fetchmany(2048):
             for key, request in batch:
-                if call_key(run["model"], json.loads(request)) != key:
+                if call_key(run.model, json.loads(request)) != key:
                     yield f"call {key}: key does not match the stored request and model"
         samples = self.db.execute("SELECT leaf, call, idx, data, hash FROM samples")
         while batch := samples.fetchmany(2048):
@@ -398,17 +396,6 @@ class Store:
 
 def _node_key(parent: str | None, path: list) -> str:
     return node_key(parent) if parent is None else node_key(parent, *path[-1])
-
-
-_JSON_COLUMNS = ("path", "pivots", "labels", "value_list", "plan")
-
-
-def _decode_node(row: dict[str, Any]) -> dict[str, Any]:
-    node = dict(row)
-    for col in _JSON_COLUMNS:
-        if node.get(col) is not None:
-            node[col] = json.loads(node[col])
-    return node
 
 
 def _now() -> str:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.tree import TreeSynth
-from treesynth.store import Store
-from treesynth.store.keys import canonical_json
+from treesynth.store import Run, Store
 
 
 def embedder():
@@ -24,16 +23,16 @@ def make_store(path: Path, config: TaskConfig, model) -> Store:
     the_method = method(embedder().fingerprint)
     store = Store.create(
         path,
-        {
-            "config": json.dumps(config.model_dump(mode="json"), separators=(",", ":")),
-            "config_hash": config.content_hash(),
-            "model": canonical_json(model.fingerprint),
-            "seed": config.seed,
-            "treesynth_version": "test",
-            "created": "test",
-            "method": canonical_json(the_method),
-            "method_hash": method_hash(the_method),
-        },
+        Run(
+            config=config.model_dump(mode="json"),
+            config_hash=config.content_hash(),
+            model=model.fingerprint,
+            seed=config.seed,
+            treesynth_version="test",
+            created="test",
+            method=the_method,
+            method_hash=method_hash(the_method),
+        ),
     )
     return store
 
@@ -47,7 +46,7 @@ def run_engine(config: TaskConfig, model, path: Path) -> tuple[Store, list]:
 def export_lines(store: Store) -> list[dict]:
     from treesynth.engine.export import iter_records
 
-    fields = list(store.run()["config"]["sample_schema"]["properties"])
+    fields = list(store.run().config["sample_schema"]["properties"])
     return [json.loads(line) for line in iter_records(store, fields)]
 
 

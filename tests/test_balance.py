@@ -23,7 +23,7 @@ from treesynth.engine import balance as bal
 from treesynth.engine.config import TaskConfig
 from treesynth.models.base import ModelError
 from treesynth.models.fake import FakeModel
-from treesynth.store import Step, Store
+from treesynth.store import Node, Step, Store
 from treesynth.store.keys import canonical_json, child_key, derive_seed, root_key
 
 TREESYNTH = [sys.executable, "-m", "treesynth"]
@@ -78,7 +78,7 @@ def build_tree_store(path: Path, config: TaskConfig, model) -> dict[str, str]:
         else:
             _leaf(child)
             leaves[topic] = child["key"]
-    store.commit(Step(new_nodes=nodes))
+    store.commit(Step(new_nodes=[Node.from_row(node) for node in nodes]))
     store.close()
     return leaves
 
@@ -122,7 +122,7 @@ def test_each_sample_lands_in_exactly_one_leaf_and_every_choice_is_among_the_nod
         assert values in (TOPICS, LEVELS)
         assert request.temperature == 0.0
     for row in store.db.query("SELECT node, response FROM calls WHERE role = 'route'"):
-        assert json.loads(row["response"]) in tree_nodes[row["node"]]["value_list"]
+        assert json.loads(row["response"]) in tree_nodes[row["node"]].value_list
 
 
 def test_scripted_answers_route_to_their_leaves_and_an_infinite_node_costs_no_call(tree):
@@ -178,7 +178,7 @@ def test_downsample_is_seeded_exact_and_in_input_order():
 def test_plan_balance_downsamples_crowded_leaves_and_counts_shortfalls(tree):
     store, _, leaves = tree
     t = bal.Tree(store)
-    order = [leaf["key"] for leaf in t.leaves]
+    order = [leaf.key for leaf in t.leaves]
     # Leaves in tree order: fractions, geometry, money/easy, money/hard.
     assert order == [leaves["fractions"], leaves["geometry"], leaves["money/easy"], leaves["money/hard"]]
     routes = [leaves["fractions"]] * 9 + [leaves["geometry"]] * 2 + [leaves["money/hard"]] * 5
@@ -190,7 +190,7 @@ def test_plan_balance_downsamples_crowded_leaves_and_counts_shortfalls(tree):
     fractions = [i for i, leaf in enumerate(routes) if leaf == leaves["fractions"]]
     assert plans[0].kept == sorted(random.Random(derive_seed(5, leaves["fractions"], "downsample", 0)).sample(fractions, 4))
     for p in plans:
-        assert all(routes[i] == p.leaf["key"] for i in p.routed)
+        assert all(routes[i] == p.leaf.key for i in p.routed)
     assert sum(p.before for p in plans) == len(routes)
 
 
@@ -207,7 +207,7 @@ def test_balance_fills_every_shortfall_to_the_target_and_counts_add_up(tree):
         assert len(p.synthesised) == p.shortfall == max(0, 3 - p.before)
         for sample, attributes in p.synthesised:
             assert set(sample) == {"text"}
-            path = dict((d, v) for d, v in p.leaf["path"])
+            path = dict((d, v) for d, v in p.leaf.path)
             assert set(attributes) == set(path)
             for dimension, value in attributes.items():  # an infinite dimension's value is drawn from its list
                 assert value in path[dimension] if isinstance(path[dimension], list) else value == path[dimension]
@@ -301,7 +301,7 @@ def test_skip_bad_skips_and_counts(tmp_path):
 def test_a_store_without_a_finished_tree_is_refused(tmp_path):
     config = small_config()
     store = make_store(tmp_path / "tree.db", config, FakeModel())
-    store.commit(Step(new_nodes=[{"key": root_key(), "parent": None, "depth": 0, "position": "", "path": "[]", "state": "open"}]))
+    store.commit(Step(new_nodes=[Node(key=root_key(), parent=None, depth=0, position="", path=[], state="open")]))
     store.close()
     write_jsonl(tmp_path / "data.jsonl", ['{"text": "a"}'])
     result = _cli("balance", "data.jsonl", "--store", "tree.db", "--per-leaf", "2", "--model", "fake:", cwd=tmp_path)

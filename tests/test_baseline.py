@@ -41,7 +41,7 @@ def test_baseline_is_a_run_of_the_root_prompt_alone_with_the_budget(tmp_path):
     assert result.stdout.startswith("done: baseline of 25 samples in base.db (")
     store = Store.open_existing(tmp_path / "base.db")
     assert baseline_mark(store) == 25
-    config = store.run()["config"]
+    config = store.run().config
     assert config["depth"] == 0 and config["max_samples"] == config["samples"] == 25
     requests = _leaf_requests(tmp_path / "base.db")
     dropped = store.db.execute("SELECT count(*) FROM dropped").fetchone()[0]
@@ -97,7 +97,7 @@ def test_like_copies_the_tree_runs_task_and_budget(tmp_path):
     result = _cli("baseline", "--like", "t.db", "--store", "base.db", "--model", "fake:", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     base = Store.open_existing(tmp_path / "base.db")
-    config, tree_config = base.run()["config"], tree.run()["config"]
+    config, tree_config = base.run().config, tree.run().config
     assert (config["description"], config["leaf_samples"], config["seed"]) == ("short notes", 2, 9)
     assert config["sample_schema"] == tree_config["sample_schema"] and config["temperature"] == tree_config["temperature"]
     assert base.counts()["samples"] == budget == config["max_samples"]

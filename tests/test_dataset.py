@@ -102,7 +102,7 @@ def test_the_card_has_hub_front_matter_and_says_how_the_data_was_made(finished_s
     assert "license" in front
     body = card.split("---\n", 2)[2]
     run = Store.open_existing(finished_store).run()
-    for needed in ("Short notes about houseplants", run["method_hash"], "seed: 11", "## Reproduce", "## Diversity",
+    for needed in ("Short notes about houseplants", run.method_hash, "seed: 11", "## Reproduce", "## Diversity",
                    "mean pairwise cosine", "treesynth run 'Short notes about houseplants'", MARK):
         assert needed in body, needed
 

@@ -127,7 +127,7 @@ def test_criterion_retries_are_bounded_then_the_node_becomes_a_leaf(store_path):
     rejected = [e for e in events if isinstance(e, ev.AnswerRejected)]
     assert len(rejected) == 4 and all("catch-all" in e.reason for e in rejected)
     root = store.nodes(depth=0)[0]
-    assert root["state"] == "done" and "no usable criterion" in root["reason"]
+    assert root.state == "done" and "no usable criterion" in root.reason
     assert len(export_lines(store)) == 2  # the root leaf's one leaf call of two samples
     assert events[-1].root_reason.startswith("no usable criterion")
 
@@ -193,7 +193,7 @@ def test_coverage_infinite_rounds_until_max_values_then_one_infinite_child(store
     assert split.infinite and len(split.values) == 9  # 3 labels + 3 + 3 passes 7 after two rounds
     assert model.seen["coverage"] == 2
     leaves = store.nodes(depth=1)
-    assert len(leaves) == 1 and isinstance(leaves[0]["path"][0][1], list)
+    assert len(leaves) == 1 and isinstance(leaves[0].path[0][1], list)
     # one infinite dimension: infinite_samples ** 1 leaf calls of 2, each request drawing a value
     assert roles(store)["leaf"] == 6
     drawn = [r["attributes"]["name"] for r in export_lines(store)]
@@ -304,7 +304,7 @@ def test_breadth_first_order_level_by_level_and_each_batch_in_path_order(store_p
     assert split_depths == sorted(split_depths) and split_depths[-1] == 2
     # The calls of a batch go out in tree (path) order; a batch's calls are
     # the CallFinished events between two BatchStarted events.
-    position = {n["key"]: n["position"] for n in store.nodes()}
+    position = {n.key: n.position for n in store.nodes()}
     batches: list[list[str]] = []
     for e in events:
         if isinstance(e, ev.BatchStarted):
@@ -321,7 +321,7 @@ def test_leaves_take_turns_every_first_request_before_any_second(store_path):
     # shared by all leaves, sees samples in that order at every --parallel.
     cfg = config(depth=1, pivots=3, max_values=10, leaf_samples=1, infinite_samples=1, samples=12)
     store, events = run_engine(cfg, FakeModel(), store_path)
-    position = {n["key"]: n["position"] for n in store.nodes()}
+    position = {n.key: n.position for n in store.nodes()}
     order = [(e.call, position[e.node]) for e in events if isinstance(e, ev.LeafCallDone)]
     leaves = {p for _, p in order}
     assert len(leaves) >= 3 and max(c for c, _ in order) >= 1
@@ -358,4 +358,4 @@ def test_unusable_pivots_are_retried_then_the_node_becomes_a_leaf(store_path):
     assert roles(store)["pivots"] == 6
     rejected = [(e.step, e.attempt) for e in events if isinstance(e, ev.AnswerRejected)]
     assert rejected[:4] == [("pivots:0", 0), ("pivots:1", 0), ("pivots:2", 0), ("pivots:0", 1)]
-    assert "no usable pivot samples" in store.nodes(depth=0)[0]["reason"]
+    assert "no usable pivot samples" in store.nodes(depth=0)[0].reason

@@ -270,7 +270,7 @@ def test_plan_builds_the_config_run_builds(monkeypatch, tmp_path):
     from treesynth.store import Store
 
     db = Store.open_existing(store)
-    assert db.run()["config"] == seen[0].model_dump(mode="json")
+    assert db.run().config == seen[0].model_dump(mode="json")
     assert "eta:         none: the run is finished" in status_lines(db)
 
 

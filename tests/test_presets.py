@@ -118,7 +118,7 @@ def test_flags_override_the_preset(tmp_path):
     assert records and all(r["leaf"].startswith("xxh3:") and isinstance(r["attributes"], dict) for r in records)
     for record in records:
         jsonschema.validate({k: record[k] for k in FIELDS["gsm8k"]}, schema)
-    config = Store.open_existing(store, readonly=True).run()["config"]
+    config = Store.open_existing(store, readonly=True).run().config
     assert (config["depth"], config["pivots"], config["leaf_samples"], config["seed"]) == (1, 3, 2, 9)
     assert config["description"] == load_preset("gsm8k")["description"] and config["prompts"]["leaf"]
 

@@ -80,8 +80,8 @@ def baseline(
         if like is not None:
             tree_store = Store.open_existing(like, readonly=True)
             run_row = tree_store.run()
-            task = like_task(run_row["config"])
-            like_model = run_row["model"]
+            task = like_task(run_row.config)
+            like_model = run_row.model
             if samples is None:
                 samples = tree_store.counts()["samples"]
                 if samples < 1:

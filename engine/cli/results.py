@@ -46,7 +46,7 @@ def export(
     db = open_store_or_fail(store)
     if to is not None:
         return _export_folder(db, to, split, jsonl)
-    fields = list(db.run()["config"]["sample_schema"]["properties"])
+    fields = list(db.run().config["sample_schema"]["properties"])
     if output is not None and not output.parent.is_dir():
         fail(f"cannot write {output}: directory {output.parent} does not exist")
     try:
