@@ -25,12 +25,36 @@ import json
 import os
 import signal
 import sqlite3
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import sqlite_utils
+
+
+def _import_sqlite_utils():
+    """sqlite-utils imports pandas whenever it is installed (it is wherever
+    `datasets` is), for one thing: to map ``pandas.Timestamp`` values to TEXT
+    columns, which no treesynth row holds. That import is 0.5-0.8 s of every
+    command's 1.2-1.7 s start-up on 2 cores (measured with -X importtime).
+    So pandas is hidden for the duration of this one import, unless the
+    process already has it; afterwards ``import pandas`` works as usual. The
+    one effect left: in a process that imports treesynth.store before pandas,
+    sqlite-utils does not map ``pandas.Timestamp`` (which treesynth never
+    writes)."""
+    if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
+        import sqlite_utils
+    else:
+        sys.modules["pandas"] = None  # `import pandas` raises ImportError while this is set
+        try:
+            import sqlite_utils
+        finally:
+            del sys.modules["pandas"]
+    return sqlite_utils
+
+
+sqlite_utils = _import_sqlite_utils()
 
 from treesynth.store import migrations
 from treesynth.store.files import (
