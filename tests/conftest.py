@@ -16,6 +16,19 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M, loaded once per test process (per worker
+    under pytest-xdist) and shared by the real-model tests that need no
+    settings of their own: one thread, a 2048-token context, two sequences.
+    Sharing it is itself a check: its answers may not depend on what it
+    decoded for earlier tests (batch and history invariance)."""
+    from treesynth.models.embedded import default_model_path
+    from treesynth.models.llamacpp import LlamaCppModel
+
+    return LlamaCppModel(default_model_path(), n_ctx=2048, threads=1, parallel=2)
+
+
 @pytest.fixture
 def fake_model() -> FakeModel:
     return FakeModel()

@@ -39,11 +39,6 @@ PIVOTS = [{"text": "Sam has 5 apples and buys 3 more. How many now?"}, {"text": 
 
 
 @pytest.fixture(scope="module")
-def smollm() -> LlamaCppModel:
-    return LlamaCppModel(default_model_path(), n_ctx=2048, threads=1, parallel=2)
-
-
-@pytest.fixture(scope="module")
 def gemma() -> LlamaCppModel:
     return LlamaCppModel(gemma_path(), n_ctx=2048, threads=1)
 

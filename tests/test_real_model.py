@@ -7,19 +7,12 @@ import json
 import socket
 
 import jsonschema
-import pytest
 from typer.testing import CliRunner
 
 from treesynth.engine.cli import app
 from treesynth.engine.schemas import criterion_schema
 from treesynth.models.base import Request
 from treesynth.models.embedded import default_model_path
-from treesynth.models.llamacpp import LlamaCppModel
-
-
-@pytest.fixture(scope="module")
-def smollm() -> LlamaCppModel:
-    return LlamaCppModel(default_model_path(), n_ctx=2048)
 
 
 def test_embedded_model_is_located_without_importing_its_package():

@@ -6,7 +6,6 @@ runs of one store and is not part of the model fingerprint."""
 
 from __future__ import annotations
 
-import pytest
 
 from treesynth.engine import prompts
 from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
@@ -43,20 +42,15 @@ def criterion_request(seed: int, max_tokens: int = 16) -> Request:
     return Request(messages=messages, schema=criterion_schema(3), max_tokens=max_tokens, temperature=0.5, top_p=0.95, seed=seed)
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> LlamaCppModel:
-    return LlamaCppModel(default_model_path(), threads=1, n_ctx=2048)
-
-
 def texts(model: LlamaCppModel, requests: list[Request]) -> list[str]:
     return [response.text for response in model.generate(requests)]
 
 
-def test_an_answer_does_not_depend_on_earlier_calls_or_its_batch(one_thread):
-    model = one_thread
+def test_an_answer_does_not_depend_on_earlier_calls_or_its_batch(smollm):
+    model = smollm  # one thread; shared with other tests, so it has decoded other prompts before
     a = request(7, [("topic", "money")])
     b = request(8, [("topic", "time")], schema=False)
-    (first,) = texts(model, [a])  # the first call this model makes
+    (first,) = texts(model, [a])
     texts(model, [b, criterion_request(9)])  # leaves other prompts in the KV cache
     (again,) = texts(model, [a])
     assert again == first
@@ -66,11 +60,11 @@ def test_an_answer_does_not_depend_on_earlier_calls_or_its_batch(one_thread):
     assert other != first
 
 
-def test_thread_count_does_not_change_answers(one_thread):
+def test_thread_count_does_not_change_answers(smollm):
     requests = [criterion_request(21), request(22, [("topic", "fractions")], schema=False, max_tokens=16)]
-    two_threads = LlamaCppModel(default_model_path(), threads=2, n_ctx=2048)
+    two_threads = LlamaCppModel(default_model_path(), threads=2, n_ctx=2048, parallel=2)
     assert len(two_threads.tokenize_prompt(requests[0].messages)) > 200
-    assert texts(one_thread, requests) == texts(two_threads, requests)
+    assert texts(smollm, requests) == texts(two_threads, requests)
     # So the thread count is no part of what identifies a model's outputs.
-    assert two_threads.fingerprint == one_thread.fingerprint
-    assert "threads" not in one_thread.fingerprint
+    assert two_threads.fingerprint == smollm.fingerprint
+    assert "threads" not in smollm.fingerprint
