@@ -33,7 +33,7 @@ from treesynth.engine.leaves import call_sizes, draw_attributes
 from treesynth.engine.schemas import parse_samples, samples_schema
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, ModelError, Request, Response
-from treesynth.store import Step, Store
+from treesynth.store import Node, Step, Store
 from treesynth.store.keys import content_key, derive_seed
 
 ROUTE_MAX_TOKENS = 128  # an enum value is at most 60 characters
@@ -85,14 +85,14 @@ class Tree:
 
     def __init__(self, store: Store):
         self.nodes = {n.key: n for n in store.nodes()}
-        self.children: dict[str, list[dict[str, Any]]] = {}
+        self.children: dict[str, list[Node]] = {}
         for node in sorted(self.nodes.values(), key=lambda n: n.position):
             if node.parent is not None:
                 self.children.setdefault(node.parent, []).append(node)
         self.root = next(n for n in self.nodes.values() if n.depth == 0)
         self.leaves = sorted((n for n in self.nodes.values() if n.state in LEAF_STATES), key=lambda n: n.position)
 
-    def label(self, leaf: dict[str, Any]) -> str:
+    def label(self, leaf: Node) -> str:
         parts = [f"{dim}: any of {len(value)}" if isinstance(value, list) else str(value) for dim, value in leaf.path]
         return " > ".join(parts) if parts else "(root)"
 
@@ -129,13 +129,13 @@ class Balancer:
         self.calls_sent = 0
         self.calls_replayed = 0
 
-    def _pass_infinite(self, node: dict[str, Any]) -> dict[str, Any]:
+    def _pass_infinite(self, node: Node) -> Node:
         """An infinite node passes samples through to its one child, without a call."""
         while node.state == "split" and node.infinite:
             node = self.tree.children[node.key][0]
         return node
 
-    def _route_call(self, node: dict[str, Any], text: str) -> tuple[Request, dict[str, Any], list[str]]:
+    def _route_call(self, node: Node, text: str) -> tuple[Request, dict[str, Any], list[str]]:
         values = [child.path[-1][1] for child in self.tree.children[node.key]]
         attributes = [(d, v) for d, v in node.path if not isinstance(v, list)]
         step = "route:" + content_key(text)
@@ -149,7 +149,7 @@ class Balancer:
         )
         return request, {"node": node.key, "role": "route", "step": step, "attempt": 0}, values
 
-    def _child(self, node: dict[str, Any], values: list[str], response: Response) -> dict[str, Any]:
+    def _child(self, node: Node, values: list[str], response: Response) -> Node:
         try:
             value = json.loads(response.text)
         except ValueError:
@@ -187,7 +187,7 @@ class Balancer:
                 yield SampleRouted(start + offset, leaf, calls)
         return leaves
 
-    def synthesise_all(self, shortfalls: Sequence[tuple[dict[str, Any], int]]) -> Events:
+    def synthesise_all(self, shortfalls: Sequence[tuple[Node, int]]) -> Events:
         """Each (leaf, shortfall)'s new samples under the leaf's attributes, as
         (sample, attributes) pairs: every call's first attempt in batches, then
         the retries of the calls whose answer was unusable."""
@@ -273,7 +273,7 @@ def downsample(indices: Sequence[int], per_leaf: int, seed: int) -> list[int]:
 
 @dataclass
 class LeafPlan:
-    leaf: dict[str, Any]
+    leaf: Node
     label: str
     routed: list[int]  # input indices routed here, in input order
     kept: list[int]  # after the seeded downsample
