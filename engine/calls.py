@@ -44,13 +44,20 @@ def look_up(store: Store, fingerprint: dict[str, Any], calls: Sequence[tuple[Req
     return keyed
 
 
-def answer(model: Model, calls: Sequence[KeyedCall]) -> list[tuple[CallRecord | None, Response, bool]]:
+def answer(
+    model: Model, calls: Sequence[KeyedCall], ahead: dict[str, Response] | None = None, extra: Sequence[KeyedCall] = ()
+) -> list[tuple[CallRecord | None, Response, bool]]:
     """Per call: its record to commit (None for a call replayed from the
     store: it is there already), its response, and whether it was replayed.
     The calls the store cannot answer go to the model in one ``generate``,
-    in the order given."""
-    missing = [call.request for call in calls if call.stored is None]
-    fresh = iter(model.generate(missing) if missing else [])
+    in the order given, followed by ``extra``: calls decoded ahead of their
+    turn, whose answers wait in ``ahead`` (by key, never stored) until the
+    call is made; a call found there is taken from it, not sent again."""
+    ahead = {} if ahead is None else ahead
+    missing = [call.request for call in calls if call.stored is None and call.key not in ahead]
+    responses = model.generate(missing + [call.request for call in extra]) if missing or extra else []
+    fresh = iter(responses[: len(missing)])
+    ahead.update((call.key, response) for call, response in zip(extra, responses[len(missing) :]))
     answered = []
     for call in calls:
         row = call.stored
@@ -58,7 +65,7 @@ def answer(model: Model, calls: Sequence[KeyedCall]) -> list[tuple[CallRecord | 
             response = Response(row["response"], row["completion_tokens"], row["prompt_tokens"], row["seconds"], row["finish_reason"])
             answered.append((None, response, True))
             continue
-        response = next(fresh)
+        response = ahead.pop(call.key) if call.key in ahead else next(fresh)
         record = CallRecord(
             key=call.key,
             request=call.request.key_material(),

@@ -63,6 +63,12 @@ class Ask:
 
     order: tuple[int, str]
     calls: tuple[tuple[Request, dict[str, Any]], ...]  # (request, where it belongs: node, role, step, attempt)
+    # Calls the step will certainly make later, whatever these answers are (a
+    # leaf's next requests, as many as it needs even if every one is kept):
+    # the driver may decode them now, beside these, to fill the model's
+    # sequences. Their answers wait in memory, uncommitted, until the step
+    # makes the call; so what is asked, committed and kept is the same.
+    ahead: tuple[tuple[Request, dict[str, Any]], ...] = ()
 
 
 class TreeSynth:
@@ -80,6 +86,7 @@ class TreeSynth:
         self.calls_replayed = 0
         self.model_seconds = 0.0
         self.parallel = sequences(model)
+        self.decoded_ahead: dict[str, Response] = {}  # call key -> answer decoded before its step asked (never stored)
         self.batch_size = batch_size(model)
 
     # -- driver --------------------------------------------------------
@@ -334,14 +341,15 @@ class TreeSynth:
             self._commit(Step(node_updates={leaf.key: {"state": "done"}}))
         while kept < target and index < limit:
             n = min(per_request, target - kept)
-            step = f"leaf:{index}"
-            attributes = draw_attributes(leaf.path, derive_seed(self.config.seed, leaf.key, step, 0))
-            messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.leaf)
-            schema = request_schema(self.config.sample_schema, n)
-            request = self._request(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf)
+            request, attributes = self._leaf_request(leaf, index, n)
+            # Requests index+1 .. are certain while even a fully kept answer
+            # to each earlier one leaves the leaf short of its target; decoded
+            # ahead only where several sequences decode at once.
+            certain = range(index + 1, min(limit, index + (target - kept) // per_request)) if self.parallel > 1 else range(0)
+            ahead = tuple(self._leaf_request(leaf, j, per_request)[0] for j in certain)
             # Ordered by request index first: the filter sees every leaf's first
             # request before any leaf's second, fresh or resumed.
-            [(call, response)] = yield Ask((index, leaf.position), (request,))
+            [(call, response)] = yield Ask((index, leaf.position), (request,), ahead)
             samples = parse_samples(response.text, n)
             rows, dropped = [], []
             if samples is None:
@@ -367,6 +375,14 @@ class TreeSynth:
             update = {"calls_done": index, "kept": kept, "state": "done" if finished else "planned"}
             self._commit(Step(call=call, samples=rows, dropped=dropped, node_updates={leaf.key: update}))
             yield ev.LeafCallDone(leaf.key, index - 1, len(rows), len(dropped))
+
+    def _leaf_request(self, leaf: Node, index: int, n: int) -> tuple[tuple[Request, dict[str, Any]], list[tuple[str, str]]]:
+        """A leaf's request ``index`` for ``n`` samples, and the attributes drawn for it."""
+        step = f"leaf:{index}"
+        attributes = draw_attributes(leaf.path, derive_seed(self.config.seed, leaf.key, step, 0))
+        messages = prompts.leaf_messages(self.config.description, attributes, self.config.sample_schema, n, self.config.prompts.leaf)
+        schema = request_schema(self.config.sample_schema, n)
+        return self._request(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf), attributes
 
     def _sample_row(self, leaf, call: int, index: int, ordinal: int, sample: dict, attributes, vector) -> dict[str, Any]:
         # The choice shuffle is placed by the sample's ordinal among the
@@ -434,21 +450,26 @@ class TreeSynth:
             now = [item for item in waiting if item[0].order[0] == first]
             waiting = [item for item in waiting if item[0].order[0] != first]
             for batch in _batches(now, self.batch_size):
-                answers = yield from self._answer([call for ask, _ in batch for call in ask.calls])
+                calls = [call for ask, _ in batch for call in ask.calls]
+                ahead = [call for ask, _ in batch for call in ask.ahead][: max(0, self.batch_size - len(calls))]
+                answers = yield from self._answer(calls, ahead)
                 for ask, step in batch:
                     mine, answers = answers[: len(ask.calls)], answers[len(ask.calls) :]
                     again = yield from _advance(step, mine)
                     if again is not None:
                         waiting.append((again, step))
 
-    def _answer(self, calls: list[tuple[Request, dict[str, Any]]]) -> Iterator[ev.Event]:
-        """(call record, response) per call: from the store's call log, or from
-        the model, all unanswered ones in one ``generate``."""
+    def _answer(self, calls: list[tuple[Request, dict[str, Any]]], ahead: list[tuple[Request, dict[str, Any]]] = ()) -> Iterator[ev.Event]:
+        """(call record, response) per call: from the store's call log, from
+        the answers decoded ahead, or from the model, all unanswered ones in
+        one ``generate`` together with the ``ahead`` calls not yet decoded."""
         keyed = look_up(self.store, self.fingerprint, calls)
-        sent = sum(1 for call in keyed if call.stored is None)
+        taken = {call.key for call in keyed} | set(self.decoded_ahead)
+        extra = [call for call in look_up(self.store, self.fingerprint, ahead) if call.stored is None and call.key not in taken]
+        sent = sum(1 for call in keyed if call.stored is None and call.key not in self.decoded_ahead) + len(extra)
         if sent:
-            yield ev.BatchStarted(calls=len(calls), sent=sent, in_flight=min(sent, self.parallel))
-        answered = answer(self.model, keyed)
+            yield ev.BatchStarted(calls=len(calls) + len(extra), sent=sent, in_flight=min(sent, self.parallel))
+        answered = answer(self.model, keyed, self.decoded_ahead, extra)
         for (call, response, replayed), (_, where) in zip(answered, calls):
             if replayed:
                 self.calls_replayed += 1

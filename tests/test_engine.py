@@ -330,6 +330,41 @@ def test_leaves_take_turns_every_first_request_before_any_second(store_path):
     assert order[len(first_round):][0][0] == 1 and sorted(order[: len(first_round)]) == order[: len(first_round)]
 
 
+class Widths(FakeModel):
+    """The fake model, remembering how many requests each generate call carried."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.widths: list[int] = []
+
+    def generate(self, requests):
+        self.widths.append(len(requests))
+        return super().generate(requests)
+
+
+def calls_of(store) -> list[tuple]:
+    return store.db.execute("SELECT key, node, step, attempt, response FROM calls ORDER BY key").fetchall()
+
+
+def test_a_leafs_certain_next_requests_decode_beside_its_current_one_and_change_nothing(tmp_path):
+    # Seven leaves sharing 24 samples, one sample per request: one request per
+    # leaf at a time would keep 7 of 8 sequences busy, then fewer. With several
+    # sequences the driver decodes a leaf's next requests too (those it needs
+    # even if every answer is kept), holding their answers until it asks.
+    cfg = config(depth=1, pivots=3, max_values=10, leaf_samples=8, samples=24)
+    one, wide = Widths(parallel=1), Widths(parallel=8)
+    a, _ = run_engine(cfg, one, tmp_path / "one.db")
+    b, _ = run_engine(cfg, wide, tmp_path / "wide.db")
+    assert export_lines(a) == export_lines(b) and len(export_lines(a)) == 24
+    assert calls_of(a) == calls_of(b)
+    # Nothing decoded in vain, nothing twice: every request sent is a stored call.
+    assert len(wide.history) == len(one.history) == len(calls_of(b))
+    leaves = sum(1 for n in b.nodes() if n.state == "done")
+    # All 24 leaf requests in one generate (7 asked, 17 ahead) at 8 sequences;
+    # at 1 the batches stay the driver's own (at most 4 calls).
+    assert leaves == 7 and max(wide.widths) == 24 and max(one.widths) <= 4
+
+
 def test_same_inputs_same_tree_and_bytes(tmp_path):
     cfg = config(depth=2, pivots=3, max_values=3, leaf_samples=2)
     a, _ = run_engine(cfg, FakeModel(), tmp_path / "a.db")
