@@ -344,8 +344,10 @@ class TreeSynth:
             request, attributes = self._leaf_request(leaf, index, n)
             # Requests index+1 .. are certain while even a fully kept answer
             # to each earlier one leaves the leaf short of its target; decoded
-            # ahead only where several sequences decode at once.
-            certain = range(index + 1, min(limit, index + (target - kept) // per_request)) if self.parallel > 1 else range(0)
+            # ahead only where several sequences decode at once, and no more
+            # than one batch holds (a leaf of 1000 samples builds 32, not 999).
+            last = min(limit, index + (target - kept) // per_request, index + 1 + self.batch_size)
+            certain = range(index + 1, last) if self.parallel > 1 else range(0)
             ahead = tuple(self._leaf_request(leaf, j, per_request)[0] for j in certain)
             # Ordered by request index first: the filter sees every leaf's first
             # request before any leaf's second, fresh or resumed.

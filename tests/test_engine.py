@@ -365,6 +365,17 @@ def test_a_leafs_certain_next_requests_decode_beside_its_current_one_and_change_
     assert leaves == 7 and max(wide.widths) == 24 and max(one.widths) <= 4
 
 
+def test_a_big_leaf_decodes_at_most_a_batch_ahead(tmp_path):
+    # One leaf of 60 samples at 2 sequences (batches of 8): its current
+    # request and 7 ahead, never its whole shortfall at once.
+    cfg = config(depth=0, samples=60)
+    one, two = Widths(parallel=1), Widths(parallel=2)
+    a, _ = run_engine(cfg, one, tmp_path / "one.db")
+    b, _ = run_engine(cfg, two, tmp_path / "two.db")
+    assert export_lines(a) == export_lines(b) and len(export_lines(b)) == 60
+    assert max(two.widths) == 8 and len(two.history) == len(one.history) == len(calls_of(b))
+
+
 def test_same_inputs_same_tree_and_bytes(tmp_path):
     cfg = config(depth=2, pivots=3, max_values=3, leaf_samples=2)
     a, _ = run_engine(cfg, FakeModel(), tmp_path / "a.db")
