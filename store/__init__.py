@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 
-
 def _import_sqlite_utils():
     """sqlite-utils imports pandas whenever it is installed (it is wherever
     `datasets` is), for one thing: to map ``pandas.Timestamp`` values to TEXT
