@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 from treesynth.engine import events as ev
 from treesynth.engine import checks, prompts
@@ -63,12 +63,13 @@ class Ask:
 
     order: tuple[int, str]
     calls: tuple[tuple[Request, dict[str, Any]], ...]  # (request, where it belongs: node, role, step, attempt)
-    # Calls the step will certainly make later, whatever these answers are (a
-    # leaf's next requests, as many as it needs even if every one is kept):
-    # the driver may decode them now, beside these, to fill the model's
-    # sequences. Their answers wait in memory, uncommitted, until the step
-    # makes the call; so what is asked, committed and kept is the same.
-    ahead: tuple[tuple[Request, dict[str, Any]], ...] = ()
+    # The first ``room`` of the calls the step will certainly make later,
+    # whatever these answers are (a leaf's next requests, as many as it needs
+    # even if every one is kept): the driver may decode them now, beside
+    # these, to fill the model's sequences, and builds only as many as the
+    # batch has room for. Their answers wait in memory, uncommitted, until the
+    # step makes the call; so what is asked, committed and kept is the same.
+    ahead: Callable[[int], list[tuple[Request, dict[str, Any]]]] = lambda room: []
 
 
 class TreeSynth:
@@ -344,11 +345,12 @@ class TreeSynth:
             request, attributes = self._leaf_request(leaf, index, n)
             # Requests index+1 .. are certain while even a fully kept answer
             # to each earlier one leaves the leaf short of its target; decoded
-            # ahead only where several sequences decode at once, and no more
-            # than one batch holds (a leaf of 1000 samples builds 32, not 999).
-            last = min(limit, index + (target - kept) // per_request, index + 1 + self.batch_size)
-            certain = range(index + 1, last) if self.parallel > 1 else range(0)
-            ahead = tuple(self._leaf_request(leaf, j, per_request)[0] for j in certain)
+            # ahead only where several sequences decode at once.
+            certain = range(index + 1, min(limit, index + (target - kept) // per_request)) if self.parallel > 1 else range(0)
+
+            def ahead(room: int, leaf=leaf, certain=certain) -> list[tuple[Request, dict[str, Any]]]:
+                return [self._leaf_request(leaf, j, per_request)[0] for j in certain[:room]]
+
             # Ordered by request index first: the filter sees every leaf's first
             # request before any leaf's second, fresh or resumed.
             [(call, response)] = yield Ask((index, leaf.position), (request,), ahead)
@@ -453,7 +455,11 @@ class TreeSynth:
             waiting = [item for item in waiting if item[0].order[0] != first]
             for batch in _batches(now, self.batch_size):
                 calls = [call for ask, _ in batch for call in ask.calls]
-                ahead = [call for ask, _ in batch for call in ask.ahead][: max(0, self.batch_size - len(calls))]
+                ahead: list[tuple[Request, dict[str, Any]]] = []
+                for ask, _ in batch:
+                    room = self.batch_size - len(calls) - len(ahead)
+                    if room > 0:
+                        ahead += ask.ahead(room)
                 answers = yield from self._answer(calls, ahead)
                 for ask, step in batch:
                     mine, answers = answers[: len(ask.calls)], answers[len(ask.calls) :]
