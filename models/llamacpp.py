@@ -223,6 +223,8 @@ class LlamaCppModel:
         self._grammars: dict[str, Any] = {}  # schema -> compiled grammar
         self._idle_matchers: dict[str, list[Any]] = {}  # schema -> matchers not in use
         self._held: list[list[int]] = [[] for _ in range(parallel)]  # per slot: the prompt whose KV it holds
+        self._last_used = [-1] * parallel  # per slot: when it last took a prompt (-1: never)
+        self._prompts_taken = 0
         self.prefix_tokens_reused = 0
         capacity = max(PROMPT_CHUNK, parallel)
         self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
@@ -360,13 +362,13 @@ class LlamaCppModel:
         equally among them, so the responses' seconds add up to the wall time."""
         sequences = [_Sequence(self, index, request) for index, request in enumerate(requests)]
         waiting = list(reversed(sequences))
-        free = list(reversed(range(self.parallel)))  # slot (sequence id) 0 first
+        free = list(range(self.parallel))
         live: list[_Sequence] = []
         try:
             while waiting or live:
                 while waiting and free:
                     sequence = waiting.pop()
-                    sequence.slot = free.pop()
+                    sequence.slot = self._take_slot(sequence.prompt, free)
                     self._evaluate_prompt(sequence)
                     if sequence.advance():
                         live.append(sequence)
@@ -398,6 +400,19 @@ class LlamaCppModel:
                 sequence.give_back()
         return [sequence.response() for sequence in sequences]
 
+    def _take_slot(self, prompt: list[int], free: list[int]) -> int:
+        """The free slot for a prompt, taken out of ``free``: the one whose KV
+        holds the longest reusable prefix of it, else the one unused longest
+        (never-used slots first), so that a prompt asked again (a criterion
+        candidate's, a leaf's next request) still finds its KV. A slot holds
+        the same tokens whichever it is, so this changes speed, not logits."""
+        source, _ = self._shared_prefix(prompt, prefer=free) if self.reuse_prefix else (-1, 0)
+        slot = source if source in free else min(free, key=lambda s: (self._last_used[s], s))
+        free.remove(slot)
+        self._prompts_taken += 1
+        self._last_used[slot] = self._prompts_taken
+        return slot
+
     def _evaluate_prompt(self, sequence: "_Sequence") -> None:
         """The prompt alone (never in one decode with another request's tokens),
         in chunks of PROMPT_CHUNK, after the longest prefix it shares with a
@@ -408,7 +423,7 @@ class LlamaCppModel:
         tick = time.perf_counter()
         memory = lib.llama_get_memory(self._ctx)
         prompt, slot = sequence.prompt, sequence.slot
-        source, shared = self._shared_prefix(prompt) if self.reuse_prefix else (-1, 0)
+        source, shared = self._shared_prefix(prompt, prefer=(slot,)) if self.reuse_prefix else (-1, 0)
         if shared and source != slot:
             lib.llama_memory_seq_rm(memory, slot, -1, -1)
             lib.llama_memory_seq_cp(memory, source, slot, -1, -1)  # across KV streams: the whole stream
@@ -436,15 +451,15 @@ class LlamaCppModel:
         sequence.logits = self._logits(n - 1)
         sequence.prompt_seconds = time.perf_counter() - tick
 
-    def _shared_prefix(self, prompt: list[int]) -> tuple[int, int]:
+    def _shared_prefix(self, prompt: list[int], prefer: Sequence[int] = ()) -> tuple[int, int]:
         """(slot, tokens): the slot whose held prompt shares the most leading
-        tokens with this one, and how many may be reused: at least
-        MIN_SHARED_PREFIX, and never the last two (so the rest is evaluated
-        in pieces of two tokens or more)."""
+        tokens with this one (of equals, one in ``prefer``, then the lowest),
+        and how many may be reused: at least MIN_SHARED_PREFIX, and never the
+        last two (so the rest is evaluated in pieces of two tokens or more)."""
         best_slot, best = -1, 0
         for slot, held in enumerate(self._held):
             n = _common_prefix(held, prompt)
-            if n > best:
+            if n > best or (n == best and n and slot in prefer and best_slot not in prefer):
                 best_slot, best = slot, n
         best = min(best, len(prompt) - 2)
         return (best_slot, best) if best >= MIN_SHARED_PREFIX else (-1, 0)
