@@ -56,15 +56,20 @@ def test_a_sequence_decodes_the_same_alone_and_among_1_or_15_neighbours(alone, s
     assert len(alone.tokenize_prompt(watched[2].messages)) > PROMPT_CHUNK
     by_itself = [alone.generate([request])[0] for request in watched]
     assert all(r.completion_tokens >= 8 for r in by_itself)
-    neighbours = [sample_request(100 + i, value, schema=i % 3 != 0, max_tokens=20 + 7 * i)
+    neighbours = [sample_request(100 + i, value, schema=i % 3 != 0, max_tokens=12 + 6 * i)
                   for i, value in enumerate(["blender", "grill", "juicer", "mixer", "oven", "fridge", "wok", "pan",
                                              "kettle", "scale", "knife", "sieve", "ladle", "whisk", "timer"])]  # fmt: skip
-    for request, expected in zip(watched, by_itself):
-        pair = sixteen.generate([neighbours[0], request])
-        crowd = sixteen.generate(neighbours[:7] + [request] + neighbours[7:])
+    for i, (request, expected) in enumerate(zip(watched, by_itself)):
+        pair = sixteen.generate([neighbours[i], request])
         assert pair[1].text == expected.text
-        assert crowd[7].text == expected.text
-        assert crowd[7].completion_tokens == expected.completion_tokens
+    # One crowd of sixteen: the three watched requests among 13 neighbours that
+    # end at different steps (12 to 84 tokens), so each watched one decodes
+    # beside a batch that shrinks and whose slots take the next request.
+    crowd_requests = neighbours[:5] + [watched[0]] + neighbours[5:9] + [watched[1]] + neighbours[9:13] + [watched[2]]
+    crowd = sixteen.generate(crowd_requests)
+    for at, expected in zip((5, 10, 15), by_itself):
+        assert crowd[at].text == expected.text
+        assert crowd[at].completion_tokens == expected.completion_tokens
     # The neighbours really decoded side by side and differ from each other,
     # and prompts started from KV that another prompt left (its own slot's or a
     # copied one): a different split of the prompt on each side, the same tokens.
@@ -72,6 +77,20 @@ def test_a_sequence_decodes_the_same_alone_and_among_1_or_15_neighbours(alone, s
     assert alone.prefix_tokens_reused > 0 and sixteen.prefix_tokens_reused > 0
     # The check can fail: another seed gives another answer.
     assert alone.generate([sample_request(55, "kettle")])[0].text != by_itself[0].text
+
+
+def test_a_prompt_asked_again_takes_the_slot_that_holds_it():
+    """Criterion candidates and a leaf's next requests repeat prompts: a free
+    slot whose KV holds the prompt is taken over the first free one, so asking
+    C and A again after A, B, C evaluates two tokens of each, not all of A."""
+    three = LlamaCppModel(default_model_path(), n_ctx=1024, threads=1, parallel=3)
+    a, b, c = (sample_request(300 + i, value, max_tokens=4) for i, value in enumerate(["oven", "grill", "wok"]))
+    first = three.generate([a, b, c])
+    reused = three.prefix_tokens_reused
+    again = three.generate([c, a])
+    lengths = [len(three.tokenize_prompt(r.messages)) for r in (c, a)]
+    assert three.prefix_tokens_reused - reused == sum(n - 2 for n in lengths)
+    assert [r.text for r in again] == [first[2].text, first[0].text]
 
 
 def test_more_requests_than_sequences_queue_and_keep_their_order(sixteen):
