@@ -226,3 +226,13 @@ def env_with(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+OFFLINE = Path(__file__).parent / "offline"
+
+
+def offline_env(network_log: Path) -> dict[str, str]:
+    """The environment of a process cut off the network (tests/offline/sitecustomize.py):
+    every attempt raises and is logged in NETWORK_LOG."""
+    path = os.pathsep.join(p for p in (str(OFFLINE), os.environ.get("PYTHONPATH", "")) if p)
+    return env_with(PYTHONPATH=path, TREESYNTH_TEST_NETWORK_LOG=str(network_log))

@@ -1,19 +1,22 @@
 """Exact resume and deterministic reruns on the real embedded model
-(SmolLM2-135M through llama.cpp), in real `treesynth run` processes.
+(SmolLM2-135M through llama.cpp), in real `treesynth run` processes, and one
+sentence becoming a dataset with the network cut off.
 
-A tiny depth-2 task runs uninterrupted in a new store; the same command on
-another new store is SIGKILLed at a few seeded moments (during model load,
-and at a random instant after the k-th stored call, usually mid-decode) and
-run again until it finishes. Its export must be byte-identical and its calls
-the same (two new stores, one seed: the same bytes); a run with another seed
-must differ. The uninterrupted run decodes at the default --parallel, the
-killed one at --parallel 3 (so kills land mid-batch), and one more at
---parallel 1: all three give the same bytes. One thread per process: the
-thread count does not change outputs (tests/test_resume_real_model.py), and
-on a shared 2-core machine one thread each is fastest."""
+A tiny depth-2 task runs uninterrupted in a new store, cut off the network;
+the same command on another new store is SIGKILLed at a few seeded moments
+(during model load, and at a random instant after the k-th stored call,
+usually mid-decode) and run again until it finishes. Its export must be
+byte-identical and its calls the same (two new stores, one seed: the same
+bytes); a run with another seed must answer otherwise from its first call.
+The uninterrupted run decodes at the default --parallel, the killed one at
+--parallel 3 (so kills land mid-batch), and one more at --parallel 1: all
+three give the same bytes. One thread per process: the thread count does not
+change outputs (tests/test_resume_real_model.py), and on a shared 2-core
+machine one thread each is fastest."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
@@ -21,12 +24,15 @@ import sqlite3
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
-from helpers_proc import calls_table, consistency_problems, export_bytes, kill, start, treesynth
+from helpers_proc import calls_table, consistency_problems, export_bytes, kill, offline_env, start, treesynth
+
+from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
 
 TASK = ["GSM8K-style grade-school math word problems", "--depth", "2", "--pivots", "3", "--max-values", "2",
         "--samples", "4", "--threads", "1", "--no-progress"]  # fmt: skip
-SEED = "1"  # a depth-2 tree (two infinite splits): 35 calls, 7 samples dropped and made up, one top-up
+SEED = "1"  # a depth-2 tree (two infinite splits): 31 calls, 3 samples dropped and made up
 OTHER_SEED = "2"
 KILL_SEED = 11
 
@@ -63,21 +69,24 @@ def wait_for_calls(proc, store: Path, count: int, timeout: float = 600) -> bool:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Uninterrupted runs, each in a new store: SEED and OTHER_SEED at the
-    default --parallel, and SEED at --parallel 1; started together in the
+    """Uninterrupted runs, each in a new store: SEED at the default --parallel
+    (cut off the network) and at --parallel 1, started together in the
     background so they decode while the crash series runs (one thread each).
-    Returns a function that waits for a run and gives its store."""
+    Returns a function that waits for a run and gives its store and output."""
     tmp = tmp_path_factory.mktemp("real-uninterrupted")
     runs = {}
-    for seed, parallel in ((SEED, None), (OTHER_SEED, None), (SEED, "1")):
-        name = f"seed{seed}-parallel{parallel or 'default'}"
-        runs[seed, parallel] = (start(run_args(tmp / f"{name}.db", seed, parallel), tmp / f"{name}.txt"), tmp / f"{name}.db", tmp / f"{name}.txt")
+    for parallel in (None, "1"):
+        name = f"seed{SEED}-parallel{parallel or 'default'}"
+        store, out = tmp / f"{name}.db", tmp / f"{name}.txt"
+        env = offline_env(tmp / "network.log") if parallel is None else None
+        runs[parallel] = (start(run_args(store, SEED, parallel), out, env=env), store, out)
 
-    def finished(seed: str, parallel: str | None = None) -> Path:
-        proc, store, out = runs[seed, parallel]
+    def finished(parallel: str | None = None) -> tuple[Path, str]:
+        proc, store, out = runs[parallel]
         assert proc.wait(timeout=1800) == 0, out.read_text()
-        return store
+        return store, out.read_text()
 
+    finished.network_log = tmp / "network.log"
     yield finished
     for proc, _, _ in runs.values():
         kill(proc)
@@ -88,7 +97,7 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
     store, out = tmp_path / "run.db", tmp_path / "out.txt"
     started = time.monotonic()
     # Kill 1: during start-up and model load. Kills 2-4: a random 0-1.5 s after the k-th
-    # stored call (of 35 with SEED), mid-decode more often than not.
+    # stored call (of 31 with SEED), mid-decode more often than not.
     targets = sorted(rng.sample(range(1, 16), 3))
     kills = 0
     proc = start(run_args(store, parallel=KILLED_PARALLEL), out)
@@ -106,7 +115,7 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
     result = treesynth(*run_args(store, parallel=KILLED_PARALLEL))
     assert result.returncode == 0, result.stderr
     assert kills >= 3, f"the run finished before its kill moments ({targets}); the tree of seed {SEED} got smaller"
-    reference = uninterrupted(SEED)
+    reference, _ = uninterrupted()
     assert export_bytes(store, tmp_path / "resumed.jsonl") == export_bytes(reference, tmp_path / "reference.jsonl")
     # The same calls, each stored once, with the same answers.
     calls = calls_table(reference)
@@ -121,15 +130,42 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
     print(f"\n{len(calls)} calls; {kills} kills; the last run sent {sent}; {time.monotonic() - started:.1f} s")
 
 
-def test_a_new_store_with_another_seed_gives_other_bytes(tmp_path, uninterrupted):
-    reference, other = uninterrupted(SEED), uninterrupted(OTHER_SEED)
-    other_bytes = export_bytes(other, tmp_path / "other.jsonl")
-    assert other_bytes and other_bytes != export_bytes(reference, tmp_path / "reference.jsonl")
-    assert {row[0] for row in calls_table(other)}.isdisjoint(row[0] for row in calls_table(reference))
+def test_one_sentence_to_a_dataset_offline(tmp_path, uninterrupted):
+    store, output = uninterrupted()
+    assert not uninterrupted.network_log.exists(), uninterrupted.network_log.read_text()
+    assert "done:" in output
+    tree = treesynth("tree", str(store))
+    assert tree.returncode == 0 and "split on" in tree.stdout
+    records = [json.loads(line) for line in export_bytes(store, tmp_path / "gsm.jsonl").decode().splitlines()]
+    assert records, "no samples exported"
+    for record in records:
+        jsonschema.validate({"text": record["text"]}, DEFAULT_SAMPLE_SCHEMA)
+        assert len(record["text"]) >= 20 and record["leaf"].startswith("xxh3:")
+        assert isinstance(record["attributes"], dict) and record["attributes"], record
+    assert "finished:    yes" in treesynth("status", str(store)).stdout
+
+
+def test_another_seed_answers_otherwise_from_its_first_call(tmp_path, uninterrupted):
+    """A new store with OTHER_SEED, stopped once its root's first calls are
+    stored: each answers otherwise than the same call under SEED."""
+    other = tmp_path / "other.db"
+    proc = start(run_args(other, OTHER_SEED), tmp_path / "other.txt")
+    try:
+        assert wait_for_calls(proc, other, 2), (tmp_path / "other.txt").read_text()
+    finally:
+        kill(proc)
+    reference, _ = uninterrupted()
+    answers = {(node, step, attempt): response for _, node, _, step, attempt, _, response in calls_table(reference)}
+    rows = calls_table(other)
+    assert len(rows) >= 2
+    assert {row[0] for row in rows}.isdisjoint(row[0] for row in calls_table(reference))
+    for _, node, _, step, attempt, _, response in rows:
+        assert (node, step, attempt) in answers  # the same root, the same calls asked
+        assert response != answers[node, step, attempt]
 
 
 def test_parallel_changes_neither_the_export_nor_the_calls(tmp_path, uninterrupted):
-    default, one = uninterrupted(SEED), uninterrupted(SEED, "1")
+    (default, _), (one, _) = uninterrupted(), uninterrupted("1")
     assert export_bytes(one, tmp_path / "one.jsonl") == export_bytes(default, tmp_path / "default.jsonl")
     assert calls_table(one) == calls_table(default)
     conn = sqlite3.connect(f"file:{default}?mode=ro", uri=True)

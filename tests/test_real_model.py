@@ -1,15 +1,13 @@
-"""The embedded SmolLM2 GGUF through llama.cpp: constraints apply, and one
-sentence becomes a dataset end to end with the network cut off."""
+"""The embedded SmolLM2 GGUF through llama.cpp: it is found without its
+package's import, and constraints apply. One sentence becoming a dataset end
+to end with the network cut off: tests/test_crash_real_model.py."""
 
 from __future__ import annotations
 
 import json
-import socket
 
 import jsonschema
-from typer.testing import CliRunner
 
-from treesynth.engine.cli import app
 from treesynth.engine.schemas import criterion_schema
 from treesynth.models.base import Request
 from treesynth.models.embedded import default_model_path
@@ -50,37 +48,3 @@ def test_criterion_answer_validates_against_its_schema(smollm):
     answer = json.loads(response.text)
     jsonschema.validate(answer, schema)
     assert len(answer["labels"]) == 3
-
-
-def _no_network(*args, **kwargs):
-    raise OSError("network access attempted during a treesynth run")
-
-
-def test_one_sentence_to_a_dataset_offline(tmp_path, monkeypatch):
-    monkeypatch.setattr(socket.socket, "connect", _no_network)
-    monkeypatch.setattr(socket, "create_connection", _no_network)
-    monkeypatch.setattr(socket, "getaddrinfo", _no_network)
-    store = tmp_path / "gsm.db"
-    runner = CliRunner()
-    args = ["run", "GSM8K-style grade-school math word problems", "--store", str(store), "--depth", "2",
-            "--pivots", "3", "--max-values", "2", "--samples", "4", "--seed", "1", "--n-ctx", "2048"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert "done:" in result.output
-
-    tree = runner.invoke(app, ["tree", str(store)])
-    assert tree.exit_code == 0
-    assert "split on" in tree.output
-
-    out = tmp_path / "gsm.jsonl"
-    exported = runner.invoke(app, ["export", str(store), "-o", str(out)])
-    assert exported.exit_code == 0, exported.output
-    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert lines, "no samples exported"
-    for record in lines:
-        assert isinstance(record["text"], str) and len(record["text"]) >= 20
-        assert record["leaf"].startswith("xxh3:")
-        assert isinstance(record["attributes"], dict) and record["attributes"], record
-
-    status = runner.invoke(app, ["status", str(store)])
-    assert "finished:    yes" in status.output
