@@ -2,16 +2,15 @@
 (SmolLM2-135M through llama.cpp), in real `treesynth run` processes, and one
 sentence becoming a dataset with the network cut off.
 
-A tiny depth-2 task runs uninterrupted in a new store, cut off the network;
-the same command on another new store is SIGKILLed at a few seeded moments
+A tiny depth-2 task runs uninterrupted in a new store at the default
+--parallel, cut off the network. The same command on another new store, at
+--parallel 3 (so kills land mid-batch), is SIGKILLed at a few seeded moments
 (during model load, and at a random instant after the k-th stored call,
-usually mid-decode) and run again until it finishes. Its export must be
-byte-identical and its calls the same (two new stores, one seed: the same
-bytes); a run with another seed must answer otherwise from its first call.
-The uninterrupted run decodes at the default --parallel, the killed one at
---parallel 3 (so kills land mid-batch), and one more at --parallel 1: all
-three give the same bytes. One thread per process: the thread count does not
-change outputs (tests/test_resume_real_model.py), and on a shared 2-core
+usually mid-decode) and then run to the end at --parallel 1. Its export must
+be byte-identical and its calls the same: two new stores, one seed, three
+--parallel settings, the same bytes. A run with another seed must answer
+otherwise from its first call. One thread per process: the thread count does
+not change outputs (tests/test_resume_real_model.py), and on a shared 2-core
 machine one thread each is fastest."""
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from helpers_proc import calls_table, consistency_problems, export_bytes, kill, 
 
 from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
 
-TASK = ["GSM8K-style grade-school math word problems", "--depth", "2", "--pivots", "3", "--max-values", "2",
+TASK = ["GSM8K-style grade-school math word problems", "--depth", "2", "--pivots", "2", "--max-values", "2",
         "--samples", "4", "--threads", "1", "--no-progress"]  # fmt: skip
-SEED = "1"  # a depth-2 tree (two infinite splits): 31 calls, 3 samples dropped and made up
+SEED = "1"  # a depth-2 tree (two infinite splits): 26 calls
 OTHER_SEED = "2"
 KILL_SEED = 11
 
@@ -69,35 +68,37 @@ def wait_for_calls(proc, store: Path, count: int, timeout: float = 600) -> bool:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Uninterrupted runs, each in a new store: SEED at the default --parallel
-    (cut off the network) and at --parallel 1, started together in the
-    background so they decode while the crash series runs (one thread each).
-    Returns a function that waits for a run and gives its store and output."""
+    """SEED uninterrupted in a new store at the default --parallel, cut off the
+    network, started in the background so that it decodes while the crash
+    series runs (one thread each). Gives a function that waits for the run
+    and returns its store and output."""
     tmp = tmp_path_factory.mktemp("real-uninterrupted")
-    runs = {}
-    for parallel in (None, "1"):
-        name = f"seed{SEED}-parallel{parallel or 'default'}"
-        store, out = tmp / f"{name}.db", tmp / f"{name}.txt"
-        env = offline_env(tmp / "network.log") if parallel is None else None
-        runs[parallel] = (start(run_args(store, SEED, parallel), out, env=env), store, out)
+    store, out = tmp / "reference.db", tmp / "reference.txt"
+    proc = start(run_args(store), out, env=offline_env(tmp / "network.log"))
 
-    def finished(parallel: str | None = None) -> tuple[Path, str]:
-        proc, store, out = runs[parallel]
+    def finished() -> tuple[Path, str]:
         assert proc.wait(timeout=1800) == 0, out.read_text()
         return store, out.read_text()
 
     finished.network_log = tmp / "network.log"
     yield finished
-    for proc, _, _ in runs.values():
-        kill(proc)
+    kill(proc)
 
 
-def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterrupted):
+def session_parallel(store: Path) -> list[int]:
+    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        return [json.loads(settings)["parallel"] for (settings,) in conn.execute("SELECT settings FROM sessions ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_killed_real_runs_resume_to_the_same_bytes_and_calls_at_any_parallel(tmp_path, uninterrupted):
     rng = random.Random(KILL_SEED)
     store, out = tmp_path / "run.db", tmp_path / "out.txt"
     started = time.monotonic()
     # Kill 1: during start-up and model load. Kills 2-4: a random 0-1.5 s after the k-th
-    # stored call (of 31 with SEED), mid-decode more often than not.
+    # stored call (of 26 with SEED), mid-decode more often than not.
     targets = sorted(rng.sample(range(1, 16), 3))
     kills = 0
     proc = start(run_args(store, parallel=KILLED_PARALLEL), out)
@@ -112,7 +113,8 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
                 assert proc.returncode == -signal.SIGKILL
         if store.exists():
             assert consistency_problems(store, every_leaf_call_succeeds=False) == []
-    result = treesynth(*run_args(store, parallel=KILLED_PARALLEL))
+    # The rest one sequence at a time: its calls must be those the reference decoded 8 at a time.
+    result = treesynth(*run_args(store, parallel="1"))
     assert result.returncode == 0, result.stderr
     assert kills >= 3, f"the run finished before its kill moments ({targets}); the tree of seed {SEED} got smaller"
     reference, _ = uninterrupted()
@@ -126,8 +128,11 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls(tmp_path, uninterru
     last_session = conn.execute("SELECT max(id) FROM sessions").fetchone()[0]
     by_last = conn.execute("SELECT count(*) FROM calls WHERE session = ?", [last_session]).fetchone()[0]
     conn.close()
-    assert sent == by_last < len(calls)
-    print(f"\n{len(calls)} calls; {kills} kills; the last run sent {sent}; {time.monotonic() - started:.1f} s")
+    assert 0 < sent == by_last < len(calls)
+    # Each session recorded its --parallel: the reference the default (8).
+    assert session_parallel(reference) == [8]
+    assert set(session_parallel(store)[:-1]) == {int(KILLED_PARALLEL)} and session_parallel(store)[-1] == 1
+    print(f"\n{len(calls)} calls; {kills} kills; the last run sent {sent} at --parallel 1; {time.monotonic() - started:.1f} s")
 
 
 def test_one_sentence_to_a_dataset_offline(tmp_path, uninterrupted):
@@ -162,13 +167,3 @@ def test_another_seed_answers_otherwise_from_its_first_call(tmp_path, uninterrup
     for _, node, _, step, attempt, _, response in rows:
         assert (node, step, attempt) in answers  # the same root, the same calls asked
         assert response != answers[node, step, attempt]
-
-
-def test_parallel_changes_neither_the_export_nor_the_calls(tmp_path, uninterrupted):
-    (default, _), (one, _) = uninterrupted(), uninterrupted("1")
-    assert export_bytes(one, tmp_path / "one.jsonl") == export_bytes(default, tmp_path / "default.jsonl")
-    assert calls_table(one) == calls_table(default)
-    conn = sqlite3.connect(f"file:{default}?mode=ro", uri=True)
-    settings = conn.execute("SELECT settings FROM sessions").fetchone()[0]
-    conn.close()
-    assert '"parallel":8' in settings.replace(" ", "")  # the default, recorded with the session
