@@ -46,7 +46,7 @@ from treesynth.engine.schemas import COVERAGE_STATUSES, coverage_schema, criteri
 from treesynth.engine.selection import SampleFilter, criterion_score, task_words
 from treesynth.engine.spec import finish_sample
 from treesynth.models.base import Model, Request, Response
-from treesynth.store import Node, Step, Store
+from treesynth.store import Dropped, Node, Sample, Step, Store
 from treesynth.store.keys import canonical_json, content_key, derive_seed, node_key
 
 Events = Generator[Any, Any, Any]  # yields events and Asks; an Ask is sent back its answers
@@ -357,22 +357,22 @@ class TreeSynth:
             samples = parse_samples(response.text, n)
             rows, dropped = [], []
             if samples is None:
-                dropped.append(self._dropped_row(leaf, index, 0, response.text, _unusable(response)))
+                dropped.append(self._dropped(leaf, index, 0, response.text, _unusable(response)))
             else:
                 dimensions = [dimension for dimension, _ in attributes]
                 valid = []
                 for i, sample in enumerate(samples):
                     problem = checks.schema_problem(self.validator, sample)
                     if problem:
-                        dropped.append(self._dropped_row(leaf, index, i, canonical_json(sample), problem))
+                        dropped.append(self._dropped(leaf, index, i, canonical_json(sample), problem))
                     else:
                         valid.append((i, sample))
                 verdicts = self.filter.judge([sample for _, sample in valid], dimensions)
                 for (i, sample), verdict in zip(valid, verdicts):
                     if verdict.keep:
-                        rows.append(self._sample_row(leaf, index, i, kept + len(rows), sample, attributes, verdict.vector))
+                        rows.append(self._sample(leaf, index, i, kept + len(rows), sample, attributes, verdict.vector))
                     else:
-                        dropped.append(self._dropped_row(leaf, index, i, canonical_json(sample), verdict.reason))
+                        dropped.append(self._dropped(leaf, index, i, canonical_json(sample), verdict.reason))
             kept += len(rows)
             index += 1
             finished = kept >= target or index >= limit
@@ -388,24 +388,24 @@ class TreeSynth:
         schema = request_schema(self.config.sample_schema, n)
         return self._request(leaf, "leaf", step, 0, messages, schema, self.config.temperature.leaf), attributes
 
-    def _sample_row(self, leaf, call: int, index: int, ordinal: int, sample: dict, attributes, vector) -> dict[str, Any]:
+    def _sample(self, leaf, call: int, index: int, ordinal: int, sample: dict, attributes, vector) -> Sample:
         # The choice shuffle is placed by the sample's ordinal among the
         # leaf's kept samples, so every leaf is balanced however many were dropped.
         sample = finish_sample(self.config, sample, leaf.key, 0, ordinal)
-        return {
-            "leaf": leaf.key,
-            "call": call,
-            "idx": index,
-            "position": leaf.position,
-            "data": canonical_json(sample),
-            "attributes": canonical_json(dict(attributes)),
-            "hash": content_key(sample),
-            "vector": vector.tobytes(),
-        }
+        return Sample(
+            leaf=leaf.key,
+            call=call,
+            idx=index,
+            position=leaf.position,
+            data=sample,
+            attributes=dict(attributes),
+            hash=content_key(sample),
+            vector=vector.tobytes(),
+        )
 
     @staticmethod
-    def _dropped_row(leaf, call: int, index: int, data: str, reason: str) -> dict[str, Any]:
-        return {"leaf": leaf.key, "call": call, "idx": index, "data": data, "reason": reason}
+    def _dropped(leaf, call: int, index: int, data: str, reason: str) -> Dropped:
+        return Dropped(leaf=leaf.key, call=call, idx=index, data=data, reason=reason)
 
     # -- helpers -------------------------------------------------------------
 

@@ -71,9 +71,9 @@ from treesynth.store.files import (
     uri_path,
 )
 from treesynth.store.keys import call_key, canonical_json, content_key, node_key
-from treesynth.store.records import Node, Run
+from treesynth.store.records import Dropped, Node, Run, Sample
 
-__all__ = ["SQLITE_HEADER", "CallRecord", "Node", "Run", "Step", "Store", "StoreError", "acquire_lock", "check_store_file"]
+__all__ = ["SQLITE_HEADER", "CallRecord", "Dropped", "Node", "Run", "Sample", "Step", "Store", "StoreError", "acquire_lock", "check_store_file"]
 
 KILL_IN_COMMIT_ENV = "TREESYNTH_TEST_KILL_IN_COMMIT"
 
@@ -100,8 +100,8 @@ class Step:
     call: CallRecord | None = None
     node_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     new_nodes: list[Node] = field(default_factory=list)
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    dropped: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
     run_updates: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,9 +242,9 @@ class Store:
             for key, fields in step.node_updates.items():
                 self.db["nodes"].update(key, fields)
             if step.samples:
-                self.db["samples"].insert_all(step.samples, ignore=True)
+                self.db["samples"].insert_all([sample.row() for sample in step.samples], ignore=True)
             if step.dropped:
-                self.db["dropped"].insert_all(step.dropped, ignore=True)
+                self.db["dropped"].insert_all([dropped.row() for dropped in step.dropped], ignore=True)
             if step.run_updates:
                 self.db["runs"].update(1, step.run_updates)
             self._commits += 1

@@ -102,3 +102,47 @@ class Node:
                 continue
             out[f.name] = canonical_json(value) if f.name in NODE_JSON_COLUMNS else value
         return out
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One kept sample, a row of ``samples``: the ``idx``-th sample of a leaf's
+    request ``call``, placed by the leaf's ``position`` for export."""
+
+    leaf: str
+    call: int
+    idx: int
+    position: str
+    data: dict[str, Any]  # the sample's fields
+    attributes: dict[str, str]  # {dimension: value} the request was made under
+    hash: str  # the sample's content key
+    vector: bytes | None = None  # its embedding (float32), where the run's filter made one
+
+    def row(self) -> dict[str, Any]:
+        out = {
+            "leaf": self.leaf,
+            "call": self.call,
+            "idx": self.idx,
+            "position": self.position,
+            "data": canonical_json(self.data),
+            "attributes": canonical_json(self.attributes),
+            "hash": self.hash,
+        }
+        if self.vector is not None:
+            out["vector"] = self.vector
+        return out
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A sample not kept, a row of ``dropped``: what the model wrote (the
+    whole answer where it could not be read as samples) and why."""
+
+    leaf: str
+    call: int
+    idx: int
+    data: str
+    reason: str
+
+    def row(self) -> dict[str, Any]:
+        return {"leaf": self.leaf, "call": self.call, "idx": self.idx, "data": self.data, "reason": self.reason}
