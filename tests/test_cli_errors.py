@@ -1,4 +1,8 @@
-"""Bad input from a user: one clear line on stderr, exit code 2, no traceback, no store touched."""
+"""Bad input from a user: one clear line on stderr, exit code 2, no traceback, no store touched.
+
+In process (typer's runner, where an exception that escapes ends with exit
+code 1, not 2) unless llama.cpp itself runs: its C-level messages reach
+stderr only in a real process, so those cases start `python -m treesynth`."""
 
 from __future__ import annotations
 
@@ -14,8 +18,19 @@ TREESYNTH = [sys.executable, "-m", "treesynth"]
 DESC = "GSM8K-style grade-school math word problems"
 
 
-def treesynth(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(TREESYNTH + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
+def treesynth(*args: str) -> subprocess.CompletedProcess:
+    """The command in this process, as a completed process."""
+    from typer.testing import CliRunner
+
+    from treesynth.engine.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def treesynth_process(*args: str) -> subprocess.CompletedProcess:
+    """The command in a real process: llama.cpp's own messages go to its stderr."""
+    return subprocess.run(TREESYNTH + list(args), capture_output=True, text=True, timeout=300)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -54,7 +69,7 @@ def test_parallel_below_one_or_with_a_server_is_one_line(tmp_path):
 
 def test_parallel_too_large_for_memory_names_the_limit(tmp_path):
     # 200 sequences of 32768 tokens: about 141 GiB of KV cache for the embedded model.
-    result = treesynth("run", DESC, "--store", str(tmp_path / "s.db"), "--parallel", "200", "--n-ctx", "32768")
+    result = treesynth_process("run", DESC, "--store", str(tmp_path / "s.db"), "--parallel", "200", "--n-ctx", "32768")
     assert_user_error(result, "--parallel 200 with --n-ctx 32768 needs", "of KV cache", "the limit is", "lower --parallel or --n-ctx")
 
 
@@ -73,7 +88,7 @@ def test_model_that_is_not_a_gguf(tmp_path):
 def test_gguf_that_cannot_be_loaded(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + os.urandom(4096))
-    result = treesynth("run", DESC, "--store", str(tmp_path / "s.db"), "--model", str(broken))
+    result = treesynth_process("run", DESC, "--store", str(tmp_path / "s.db"), "--model", str(broken))
     assert_user_error(result, "cannot load model")
     assert not (tmp_path / "s.db").exists()
 
