@@ -112,10 +112,15 @@ def servers(tmp_path_factory):
             server.kill()
 
 
-def treesynth(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        TREESYNTH + list(args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+def treesynth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command in this process (typer's runner), against the real servers;
+    the tests that kill or interrupt the client start real processes."""
+    from typer.testing import CliRunner
+
+    from treesynth.engine.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def export(store: Path) -> bytes:
