@@ -78,12 +78,12 @@ FULL = Scale(
 QUICK = Scale(2, 16, 2, {"depth": 0, "leaf_samples": 1, "max_tokens": 64}, False)
 # Batched decoding: sequences at once, and tokens each sequence may take.
 BATCH_SIZES, BATCH_TOKENS = (1, 2, 4, 8, 16), 96
-QUICK_BATCH_SIZES, QUICK_BATCH_TOKENS = (1, 4), 12
+QUICK_BATCH_SIZES, QUICK_BATCH_TOKENS = (1, 2), 12
 # The end-to-end run at --parallel 1 and at the default (the embedded model only).
 END_TO_END = {"depth": 2, "pivots": 4, "max_values": 4, "samples": 24, "seed": 7}
 # Quick: the root alone (a depth-1 tree spends most of its time on three
 # criterion prompts of ~400 tokens, and doubled the quick bench)
-QUICK_END_TO_END = {"depth": 0, "samples": 3, "leaf_samples": 1, "seed": 7, "max_tokens": 64}
+QUICK_END_TO_END = {"depth": 0, "samples": 2, "leaf_samples": 1, "seed": 7, "max_tokens": 64}
 
 
 # -- models ------------------------------------------------------------------------
