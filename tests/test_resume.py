@@ -119,22 +119,24 @@ def test_changed_content_settings_are_refused_naming_the_keys(tmp_path, referenc
 
 
 def test_restart_asks_first_and_yes_skips_the_question(tmp_path):
+    # A small tree: this test runs the task four times and compares with no reference.
+    small = {"depth": "1", "samples": "6"}
     store = tmp_path / "run.db"
-    assert treesynth(*run_args(store)).returncode == 0
+    assert treesynth(*run_args(store, **small)).returncode == 0
     before = file_state(store)
-    result = treesynth(*run_args(store), "--restart", input="n\n")
+    result = treesynth(*run_args(store, **small), "--restart", input="n\n")
     assert "Delete" in result.stderr and "not restarted" in one_line_error(result)
     assert file_state(store) == before
-    result = treesynth(*run_args(store, pivots="4"), "--restart", input="y\n")
+    result = treesynth(*run_args(store, pivots="4", **small), "--restart", input="y\n")
     assert result.returncode == 0, result.stderr
     config = json.loads(sqlite3.connect(store).execute("SELECT config FROM runs").fetchone()[0])
     assert config["pivots"] == 4 and len(sessions(store)) == 1
-    result = treesynth(*run_args(store), "--restart", "--yes", stdin=subprocess.DEVNULL)
+    result = treesynth(*run_args(store, **small), "--restart", "--yes", stdin=subprocess.DEVNULL)
     assert result.returncode == 0 and "Delete" not in result.stderr
     assert len(sessions(store)) == 1
     foreign = tmp_path / "notes.db"
     foreign.write_bytes(b"not a store\n" * 50)
-    assert "not a treesynth store" in one_line_error(treesynth(*run_args(foreign), "--restart", "--yes"))
+    assert "not a treesynth store" in one_line_error(treesynth(*run_args(foreign, **small), "--restart", "--yes"))
     assert foreign.read_bytes() == b"not a store\n" * 50
 
 
