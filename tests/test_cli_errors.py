@@ -178,6 +178,33 @@ def _our_frames(stderr: str) -> list[str]:
     return [str(f) for f in frames if f.resolve().is_relative_to(root) and not f.resolve().is_relative_to(root / ".venv")]
 
 
+def test_ctrl_c_wrapped_by_python_on_its_way_out_is_still_an_interrupt(monkeypatch, capsys):
+    """A Ctrl-C that lands while pydantic builds a model class at import
+    leaves as "RuntimeError: Error calling __set_name__", caused by the
+    KeyboardInterrupt (found by the test below on CI); any other error still
+    escapes as itself."""
+    import treesynth.engine.cli as cli
+    from treesynth.engine import entry
+
+    def interrupted_inside_a_class():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("Error calling __set_name__ on 'PydanticDescriptorProxy'") from interrupt
+
+    monkeypatch.setattr(cli, "main", interrupted_inside_a_class)
+    with pytest.raises(SystemExit) as stopped:
+        entry.main()
+    assert stopped.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
+
+    def broken():
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(cli, "main", broken)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        entry.main()
+
+
 def test_ctrl_c_during_start_up_ends_without_a_traceback(tmp_path):
     import signal
     import time
