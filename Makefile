@@ -41,7 +41,7 @@ run: $(STAMP)
 # One worker per core (pytest-xdist), each test file on one worker, so a
 # module's fixtures (the real-model crash series' uninterrupted run) are made
 # once. The real-model tests decode on one thread each, so two workers keep
-# both cores busy: about 7 min of test time with two workers (2 cores).
+# both cores busy: 5.5 to 6.5 min of test time with two workers (2 cores).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --dist loadfile
 
