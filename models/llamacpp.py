@@ -368,8 +368,8 @@ class LlamaCppModel:
             while waiting or live:
                 while waiting and free:
                     sequence = waiting.pop()
-                    sequence.slot = self._take_slot(sequence.prompt, free)
-                    self._evaluate_prompt(sequence)
+                    sequence.slot, source, shared = self._take_slot(sequence.prompt, free)
+                    self._evaluate_prompt(sequence, source, shared)
                     if sequence.advance():
                         live.append(sequence)
                     else:
@@ -400,20 +400,22 @@ class LlamaCppModel:
                 sequence.give_back()
         return [sequence.response() for sequence in sequences]
 
-    def _take_slot(self, prompt: list[int], free: list[int]) -> int:
-        """The free slot for a prompt, taken out of ``free``: the one whose KV
-        holds the longest reusable prefix of it, else the one unused longest
-        (never-used slots first), so that a prompt asked again (a criterion
-        candidate's, a leaf's next request) still finds its KV. A slot holds
-        the same tokens whichever it is, so this changes speed, not logits."""
-        source, _ = self._shared_prefix(prompt, prefer=free) if self.reuse_prefix else (-1, 0)
+    def _take_slot(self, prompt: list[int], free: list[int]) -> tuple[int, int, int]:
+        """(slot, source, shared): the free slot for a prompt, taken out of
+        ``free``, and where its reusable prefix is (``_shared_prefix``). The
+        slot is the one whose KV holds the longest reusable prefix of the
+        prompt, else the one unused longest (never-used slots first), so that
+        a prompt asked again (a criterion candidate's, a leaf's next request)
+        still finds its KV. A slot holds the same tokens whichever it is, so
+        this changes speed, not logits."""
+        source, shared = self._shared_prefix(prompt, prefer=free) if self.reuse_prefix else (-1, 0)
         slot = source if source in free else min(free, key=lambda s: (self._last_used[s], s))
         free.remove(slot)
         self._prompts_taken += 1
         self._last_used[slot] = self._prompts_taken
-        return slot
+        return slot, source, shared
 
-    def _evaluate_prompt(self, sequence: "_Sequence") -> None:
+    def _evaluate_prompt(self, sequence: "_Sequence", source: int, shared: int) -> None:
         """The prompt alone (never in one decode with another request's tokens),
         in chunks of PROMPT_CHUNK, after the longest prefix it shares with a
         prompt whose KV a slot still holds (this slot's last one, or another
@@ -423,7 +425,6 @@ class LlamaCppModel:
         tick = time.perf_counter()
         memory = lib.llama_get_memory(self._ctx)
         prompt, slot = sequence.prompt, sequence.slot
-        source, shared = self._shared_prefix(prompt, prefer=(slot,)) if self.reuse_prefix else (-1, 0)
         if shared and source != slot:
             lib.llama_memory_seq_rm(memory, slot, -1, -1)
             lib.llama_memory_seq_cp(memory, source, slot, -1, -1)  # across KV streams: the whole stream
