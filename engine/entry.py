@@ -27,11 +27,8 @@ def main() -> None:
         from treesynth.engine.cli import main as cli_main
 
         cli_main()
-    except Exception as error:
+    except (KeyboardInterrupt, Exception) as error:  # not SystemExit: a command's own exit stands
         if not _interrupted(error):
             raise
         sys.stderr.write("\ninterrupted\n")
         raise SystemExit(130) from None
-    except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted\n")
-        raise SystemExit(130)
