@@ -33,6 +33,17 @@ def treesynth(*args: str, timeout: float = 600, **kwargs: Any) -> subprocess.Com
     return subprocess.run(TREESYNTH + list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def treesynth_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command in this process (typer's runner), as a completed process:
+    an exception that escapes ends with exit code 1, not 2."""
+    from typer.testing import CliRunner
+
+    from treesynth.engine.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def start(args: list[str], out: Path, **kwargs: Any) -> subprocess.Popen:
     """Start ``treesynth ARGS`` with stdout and stderr going to OUT (a file, so a
     full pipe can never stall the process we mean to kill)."""
@@ -96,6 +107,15 @@ def continue_command(stderr: str) -> list[str]:
 
 def connect_ro(store: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+
+
+def sessions(store: Path) -> list[dict]:
+    """Each session's settings (threads, parallel, argv...), oldest first."""
+    conn = connect_ro(store)
+    try:
+        return [json.loads(row[0]) for row in conn.execute("SELECT settings FROM sessions ORDER BY id")]
+    finally:
+        conn.close()
 
 
 def stored_requests(store: Path) -> set[str]:

@@ -13,19 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_proc import treesynth_in_process as treesynth
 
 TREESYNTH = [sys.executable, "-m", "treesynth"]
 DESC = "GSM8K-style grade-school math word problems"
-
-
-def treesynth(*args: str) -> subprocess.CompletedProcess:
-    """The command in this process, as a completed process."""
-    from typer.testing import CliRunner
-
-    from treesynth.engine.cli import app
-
-    result = CliRunner().invoke(app, list(args))
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def treesynth_process(*args: str) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from helpers_proc import calls_table, consistency_problems, export_bytes, kill, offline_env, start, treesynth
+from helpers_proc import calls_table, consistency_problems, export_bytes, kill, offline_env, sessions, start, treesynth
 
 from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
 
@@ -86,11 +86,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def session_parallel(store: Path) -> list[int]:
-    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
-    try:
-        return [json.loads(settings)["parallel"] for (settings,) in conn.execute("SELECT settings FROM sessions ORDER BY id")]
-    finally:
-        conn.close()
+    return [settings["parallel"] for settings in sessions(store)]
 
 
 def test_killed_real_runs_resume_to_the_same_bytes_and_calls_at_any_parallel(tmp_path, uninterrupted):

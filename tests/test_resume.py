@@ -28,6 +28,7 @@ from helpers_proc import (
     file_state,
     kill,
     log_lines,
+    sessions,
     start,
     stored_requests,
     treesynth,
@@ -71,14 +72,6 @@ def partial_store(tmp: Path, commits: int = 40, log: Path | None = None) -> Path
     result = treesynth(*run_args(store, model), env=env_with(TREESYNTH_TEST_KILL_IN_COMMIT=str(commits)))
     assert result.returncode == -signal.SIGKILL, result.stderr
     return store
-
-
-def sessions(store: Path) -> list[dict]:
-    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
-    try:
-        return [json.loads(row[0]) for row in conn.execute("SELECT settings FROM sessions ORDER BY id")]
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")

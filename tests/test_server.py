@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers_proc import treesynth_in_process as treesynth  # the tests that kill or interrupt the client start real processes
 
 from treesynth.models.base import ModelError, Request
 from treesynth.models.server import ServerModel, json_prefix
@@ -110,17 +111,6 @@ def servers(tmp_path_factory):
     finally:
         for server in made.values():
             server.kill()
-
-
-def treesynth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The command in this process (typer's runner), against the real servers;
-    the tests that kill or interrupt the client start real processes."""
-    from typer.testing import CliRunner
-
-    from treesynth.engine.cli import app
-
-    result = CliRunner().invoke(app, list(args), env=env)
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def export(store: Path) -> bytes:
