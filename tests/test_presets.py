@@ -29,7 +29,7 @@ FIELDS = {
 }
 # Words each preset's pivot and leaf prompts must carry beyond the generic ones.
 DOMAIN_WORDS = {"gsm8k": "word problems", "math": "competition math", "code": "programming instructions", "simpletom": "theory-of-mind"}
-TINY = ["--pivots", "2", "--max-values", "2", "--infinite-samples", "1", "--seed", "3", "--n-ctx", "2048"]
+TINY = ["--pivots", "2", "--max-values", "2", "--infinite-samples", "1", "--n-ctx", "2048"]
 # GSM8K builds a depth-1 tree (its pivots prompt, the built-in criterion and
 # coverage on its pivots); the others make their records at the root alone
 # (depth 0), since the records come from the leaf prompt and the sample
@@ -42,6 +42,12 @@ DEPTH = {"gsm8k": "1"}
 # problems are digit runs or repeat themselves, and are dropped. Its answers
 # are capped at 640 tokens: uncapped, the model's digit runs went on for 900 to
 # 1400 tokens a call, and this one test took 340 s instead of 85 (at depth 1).
+# The seed is 3, but 1 for MATH: with seed 3, three of its five answers were
+# dropped (two digit runs cut off at 640 tokens, one about the format: 5 calls,
+# 32 s); with seed 1 its first two answers are valid problems (2 calls, 10 s).
+# Drops and top-ups are the engine's, the same for every preset, and tested
+# on the fake model.
+SEED = {"math": "1"}
 LEAF_FLAGS = {"simpletom": ["--leaf-samples", "2"], "math": ["--leaf-samples", "1", "--samples", "2", "--max-tokens", "640"]}
 
 
@@ -139,6 +145,7 @@ def test_preset_runs_on_the_embedded_model_and_exports_valid_records(name, tmp_p
     store = tmp_path / f"{name}.db"
     started = time.perf_counter()
     result = runner.invoke(app, ["run", "--preset", name, "--store", str(store), "--depth", DEPTH.get(name, "0"), *TINY,
+                                 "--seed", SEED.get(name, "3"),
                                  *LEAF_FLAGS.get(name, ["--leaf-samples", "1", "--max-samples", "2"]), "--no-progress"])
     assert result.exit_code == 0, result.output
     out = tmp_path / f"{name}.jsonl"
