@@ -36,6 +36,12 @@ def test_quick_bench_writes_the_report(tmp_path):
         assert model[key] > 0, key
     assert 0 <= model["engine_overhead_pct"] < 100
     assert model["engine_run"]["calls"] >= 1
+    batched = model["batched"]
+    assert list(batched["schemas"]) == list(bench.QUICK_BATCH_ROLES) and batched["sizes"] == list(bench.QUICK_BATCH_SIZES)
+    for rows in batched["schemas"].values():
+        assert [row["n"] for row in rows] == batched["sizes"] and all(row["raw_tok_s"] > 0 and row["ratio"] > 0 for row in rows)
+    end_to_end = model["end_to_end"]
+    assert end_to_end["same_export"] is True and end_to_end["calls"] >= 1 and set(end_to_end["wall_s"]) == {"1", str(end_to_end["default_parallel"])}
     assert "smollm2-135m" in done.stdout and "pivots" in done.stdout
 
 
