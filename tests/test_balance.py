@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from engine_helpers import make_store
+from helpers_proc import treesynth_in_process
 
 from treesynth.engine import balance as bal
 from treesynth.engine.config import TaskConfig
@@ -259,8 +260,8 @@ def test_table_shows_bars_counts_extremes_and_empty_leaves(tree):
 
 
 def _cli(*args, cwd):
-    # Generous: the real-model runs share two cores with whatever else the machine runs.
-    return subprocess.run([*TREESYNTH, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    """In this process: only the killed balance below needs a real one."""
+    return treesynth_in_process(*args, cwd=cwd)
 
 
 @pytest.mark.parametrize(

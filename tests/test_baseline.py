@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from helpers_proc import treesynth_in_process
+
 from treesynth.engine.baseline import baseline_mark, baseline_plan
 from treesynth.store import Store
 
@@ -18,7 +20,8 @@ TREESYNTH = [sys.executable, "-m", "treesynth"]
 
 
 def _cli(*args, cwd):
-    return subprocess.run([*TREESYNTH, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    """In this process: only the killed baseline below needs a real one."""
+    return treesynth_in_process(*args, cwd=cwd)
 
 
 def _leaf_requests(path) -> list[dict]:

@@ -9,20 +9,18 @@ import itertools
 import json
 import math
 import random
-import subprocess
-import sys
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_proc import treesynth_in_process
 from typer.testing import CliRunner
 
 from treesynth.engine import diversity as div
 from treesynth.engine.cli import app
 from treesynth.models.embed import LlamaCppEmbedder, describe_embedder, load_embedder, normalise_rows
 
-TREESYNTH = [sys.executable, "-m", "treesynth"]
 REFERENCE = Path(__file__).resolve().parent.parent / "benchmarks" / "reference"
 
 
@@ -149,7 +147,7 @@ def test_text_of_a_record_default_and_named_fields():
 
 
 def _cli(*args, cwd):
-    return subprocess.run([*TREESYNTH, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return treesynth_in_process(*args, cwd=cwd)
 
 
 def _write(path, records):

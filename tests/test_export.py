@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-TREESYNTH = [sys.executable, "-m", "treesynth"]
+from helpers_proc import treesynth_in_process
 
 
 def cli(*args, cwd):
-    return subprocess.run(TREESYNTH + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
+    return treesynth_in_process(*args, cwd=cwd)
 
 
 def test_export_fields_follow_the_schema_order_then_leaf_and_attributes(tmp_path):

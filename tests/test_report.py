@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from engine_helpers import embedder, make_store
+from helpers_proc import treesynth_in_process
 from treesynth.engine.config import TaskConfig
 from treesynth.engine.diversity import cosine_near_duplicate_flags, mean_pairwise_cosine
 from treesynth.engine.report import report_html
@@ -192,7 +193,7 @@ def test_diversity_is_over_the_samples_that_have_a_vector(store, tmp_path):
 
 
 def treesynth(*args, cwd=None):
-    return subprocess.run(TREESYNTH + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return treesynth_in_process(*args, cwd=cwd)
 
 
 def test_cli_writes_the_page_atomically_and_the_same_bytes_twice(store, page, tmp_path):
