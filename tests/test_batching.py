@@ -56,14 +56,15 @@ def test_a_sequence_decodes_the_same_alone_and_among_1_or_15_neighbours(alone, s
     assert len(alone.tokenize_prompt(watched[2].messages)) > PROMPT_CHUNK
     by_itself = [alone.generate([request])[0] for request in watched]
     assert all(r.completion_tokens >= 8 for r in by_itself)
-    neighbours = [sample_request(100 + i, value, schema=i % 3 != 0, max_tokens=12 + 6 * i)
+    neighbours = [sample_request(100 + i, value, schema=i % 3 != 0, max_tokens=8 + 3 * i)
                   for i, value in enumerate(["blender", "grill", "juicer", "mixer", "oven", "fridge", "wok", "pan",
                                              "kettle", "scale", "knife", "sieve", "ladle", "whisk", "timer"])]  # fmt: skip
     for i, (request, expected) in enumerate(zip(watched, by_itself)):
         pair = sixteen.generate([neighbours[i], request])
         assert pair[1].text == expected.text
     # One crowd of sixteen: the three watched requests among 13 neighbours that
-    # end at different steps (12 to 84 tokens), so each watched one decodes
+    # end at different steps (8 to 50 tokens, over the watched ones' 40 to 48),
+    # so each watched one decodes
     # beside a batch that shrinks and whose slots take the next request.
     crowd_requests = neighbours[:5] + [watched[0]] + neighbours[5:9] + [watched[1]] + neighbours[9:13] + [watched[2]]
     crowd = sixteen.generate(crowd_requests)
