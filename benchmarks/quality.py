@@ -21,7 +21,10 @@ independent embedder (MiniLM, as `treesynth diversity` uses by default):
 - samples, secs: records made and wall seconds of each subprocess.
 
 Usage: .venv/bin/python benchmarks/quality.py [--tasks a,b] [--samples N]
-[--depth D] [--jobs J] [--keep DIR] [--output FILE]"""
+[--depth D] [--jobs J] [--model GGUF] [--keep DIR] [--output FILE]
+
+--model runs both sides on another local GGUF, e.g. the bench's Gemma 3 270M:
+--model "$(.venv/bin/python -c 'from treesynth.models.embedded import gemma_path; print(gemma_path())')"."""
 
 from __future__ import annotations
 
@@ -99,13 +102,13 @@ def _timed(command: list[str], log) -> tuple[float, int, str]:
     return time.perf_counter() - start, done.returncode, last[0]
 
 
-def run_task(task: dict, folder: Path, flags: list[str]) -> dict:
-    """The tree run, then its baseline; wall seconds and exit codes."""
+def run_task(task: dict, folder: Path, flags: list[str], model: list[str]) -> dict:
+    """The tree run, then its baseline (both with MODEL's flags); wall seconds and exit codes."""
     tree, base = folder / f"{task['name']}.db", folder / f"{task['name']}-base.db"
     _remove_store(tree)
     _remove_store(base)
     what = ["--preset", task["preset"]] if task["preset"] else [task["description"]]
-    common = ["--no-progress", "--threads", "1"]
+    common = ["--no-progress", "--threads", "1", *model]
     result = {"tree_store": tree, "base_store": base}
     with open(folder / f"{task['name']}.log", "w", encoding="utf-8") as log:
         print(f"  {task['name']}: tree run started", file=sys.stderr, flush=True)
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=24, help="records per run [24]")
     parser.add_argument("--depth", type=int, default=2, help="tree depth [2]")
     parser.add_argument("--jobs", type=int, default=2, help="tasks run at a time [2]")
+    parser.add_argument("--model", type=Path, help="a local GGUF for both sides [the embedded model]")
     parser.add_argument("--keep", type=Path, help="keep the stores and logs in this folder [a temp folder, removed]")
     parser.add_argument("--output", type=Path, default=ROOT / "quality.json", help="[quality.json at the repo root]")
     args = parser.parse_args()
@@ -220,10 +224,11 @@ def main() -> None:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="treesynth-quality-"))
     folder.mkdir(parents=True, exist_ok=True)
     flags = [f.format(depth=args.depth) for f in FIXED] + sample_flags(args.samples)
+    model_flags = ["--model", str(args.model)] if args.model else []
     print(f"{len(tasks)} tasks, {args.jobs} at a time, in {folder}; run flags: {' '.join(flags)}", file=sys.stderr)
     try:
         with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(lambda t: run_task(t, folder, flags), tasks))
+            runs = list(pool.map(lambda t: run_task(t, folder, flags, model_flags), tasks))
         from treesynth.engine.diversity import embed_reference, read_reference
         from treesynth.models.embed import load_embedder
 
