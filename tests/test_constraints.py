@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 
 import jsonschema
 import numpy as np
@@ -27,6 +28,7 @@ from treesynth.models.llamacpp import (
     STRING_END,
     TOP_K,
     LlamaCppModel,
+    _Sequence,
     allowed_candidates,
     ended_strings,
     llguidance_tokenizer,
@@ -133,6 +135,28 @@ def test_a_reused_compiled_schema_gives_the_same_answer_as_a_fresh_compile(smoll
     fresh = LlamaCppModel(default_model_path(), n_ctx=2048, threads=1)  # nothing cached
     assert reused == first == fresh.generate([call])[0].text
     assert len(smollm._grammars) >= 2 and len(fresh._grammars) == 1
+
+
+def test_masks_made_while_llama_cpp_decodes_are_those_made_at_sampling(smollm, monkeypatch):
+    """Each live sequence's next mask is computed on the masking thread during
+    llama_decode; the answers are the same bytes as with every mask computed
+    on the main thread at the moment of sampling."""
+    # Two schemas, one matcher each: the pool test below expects one idle leaf matcher.
+    calls = [dataclasses.replace(engine_requests()[role], max_tokens=48, seed=40 + i) for i, role in enumerate(("criterion", "leaf"))]
+    made_on: list[tuple[str, bool]] = []
+    prepare = _Sequence.prepare_mask
+
+    def recorded(sequence):
+        prepare(sequence)
+        made_on.append((threading.current_thread().name, sequence.mask_ready))
+
+    monkeypatch.setattr(_Sequence, "prepare_mask", recorded)
+    ahead = smollm.generate(calls)
+    assert len(made_on) >= 30 and all(name.startswith("treesynth-mask") and ready for name, ready in made_on)
+    monkeypatch.setattr(LlamaCppModel, "_masks_ahead", lambda model, live: None)
+    at_sampling = smollm.generate(calls)
+    assert [r.text for r in ahead] == [r.text for r in at_sampling]
+    assert all(r.completion_tokens >= 10 for r in ahead) and sum(r.completion_tokens for r in ahead) >= 40
 
 
 def test_a_schema_is_compiled_once_and_its_matcher_reused(smollm):
