@@ -15,27 +15,6 @@ from treesynth.models.fake import FakeModel
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# The longest files first (test seconds per file, measured with --durations on
-# 2 cores). `make test` gives each file whole to one of two workers
-# (pytest-xdist --dist loadfile) in collection order, and alphabetical order
-# left the presets and server files (60 and 50 s) to the end, where one
-# worker finished them while the other had nothing left: the short files go
-# last, to fill the gaps. The rest keep their order.
-LONGEST_FIRST = [
-    "test_crash_real_model.py",  # ~100 s
-    "test_crash.py",  # ~75 s
-    "test_presets.py",  # ~60 s
-    "test_server.py",  # ~50 s
-    "test_constraints.py",  # ~45 s
-    "test_bench.py",  # ~35 s
-    "test_batching.py",  # ~35 s
-]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file's tests stay together, in order
-
 
 @pytest.fixture(scope="session")
 def smollm():
