@@ -38,8 +38,9 @@ def treesynth_in_process(
 ) -> subprocess.CompletedProcess:
     """The command in this process (typer's runner), as a completed process,
     run in CWD if given, INPUT its standard input (empty if None): an
-    exception that escapes ends with exit code 1, not 2. For every test that needs no real process (no signal, no second
-    process on the store): a `treesynth` process costs 0.5-0.9 s of start-up."""
+    exception that escapes ends with exit code 1, not 2. For every test that
+    needs no real process (no signal, no second process on the store, no
+    resource limit): a `treesynth` process costs 0.5-0.9 s of start-up."""
     from contextlib import chdir, nullcontext
 
     from typer.testing import CliRunner

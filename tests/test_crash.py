@@ -1,9 +1,9 @@
 """Exact resume, proven by killing real processes: `treesynth run` on the fake
-model (each answer takes 20 ms) is SIGKILLed at many seeded moments and run
-again with the same command until it finishes. The export must be
-byte-identical to an uninterrupted run, and the fake model's call log must
-show that no request whose answer was stored was ever sent again: each kill
-loses at most the one request in flight."""
+model (each answer takes 20 ms where kills are timed by the clock) is
+SIGKILLed at many seeded moments and run again with the same command until
+it finishes. The export must be byte-identical to an uninterrupted run, and
+the fake model's call log must show that no request whose answer was stored
+was ever sent again: each kill loses at most the batch in flight."""
 
 from __future__ import annotations
 
