@@ -8,9 +8,9 @@ built once per model, is the process's cold start. Each token, the matcher
 writes its bitmask of allowed tokens and the sampler looks only at allowed
 candidates: the few allowed ids when the mask is sparse, the best raw logits
 filtered by the mask when it is dense. A live sequence's next mask depends
-only on the tokens it has taken, so it is computed on a second thread while
-llama.cpp evaluates the step that gives the logits it will filter (a 262k
-vocabulary's mask of free text took 2.8 ms a sequence a step on Gemma 3). Nothing is done over the whole
+only on the tokens it has taken, so with a large vocabulary it is computed on
+a second thread while llama.cpp evaluates the step that gives the logits it
+will filter (see MASK_AHEAD_VOCAB). Nothing is done over the whole
 262k-entry vocabulary that a numpy threshold cannot skip (``make bench``
 shows the measurements behind this).
 
@@ -57,6 +57,14 @@ MIN_SHARED_PREFIX = 16
 # string, leaving "...the problem is " (measured: 3 of 16 GSM8K samples of the
 # embedded model). With the end constrained, the model goes on writing instead.
 STRING_END = r"[^\s:,;(\[{]"
+# Vocabularies from this size get their masks computed during llama_decode, on
+# a second thread. Gemma 3 (262k tokens): a mask of free text took 2.8 ms a
+# sequence a step on the main thread, and at 16 sequences constrained/raw rose
+# from 0.70 to 0.91 (pivots) and from 0.75 to 1.06 (leaf). SmolLM2 (49k): no
+# gain at 1 or 16 sequences, 8% slower at 8, and the bench's end-to-end run at
+# --parallel 8 took 158 s against 150 s (176 s against 164 s in another pair):
+# its masks stay on the main thread. Speed only: the same masks either way.
+MASK_AHEAD_VOCAB = 131072
 # Sequences decoded at once unless --parallel says otherwise (measured: README, `make bench`).
 DEFAULT_PARALLEL = 8
 # With layers on a GPU, the most sequences whose tokens did not depend on their
@@ -227,6 +235,7 @@ class LlamaCppModel:
         self._grammars: dict[str, Any] = {}  # schema -> compiled grammar
         self._idle_matchers: dict[str, list[Any]] = {}  # schema -> matchers not in use
         self._masker: ThreadPoolExecutor | None = None  # computes next masks during llama_decode
+        self.masks_ahead = self.n_vocab >= MASK_AHEAD_VOCAB
         self._held: list[list[int]] = [[] for _ in range(parallel)]  # per slot: the prompt whose KV it holds
         self._last_used = [-1] * parallel  # per slot: when it last took a prompt (-1: never)
         self._prompts_taken = 0
@@ -420,6 +429,8 @@ class LlamaCppModel:
         masking thread (started on first use) while the main thread waits in
         llama_decode, which holds no Python lock. Each matcher is touched by
         one thread at a time: the main thread waits for these before sampling."""
+        if not self.masks_ahead:
+            return None
         constrained = [sequence for sequence in live if sequence.matcher is not None]
         if not constrained:
             return None
