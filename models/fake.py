@@ -8,6 +8,7 @@ which are returned first, in order; ``history`` records every request."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Any, Sequence
@@ -47,8 +48,7 @@ class FakeModel:
             raise ModelError(f"the fake model failed as asked after {self.fail_after} calls")
         self.history.append(request)
         if self.call_log:
-            with open(self.call_log, "a", encoding="utf-8") as log:
-                log.write(canonical_json(request.key_material()) + "\n")
+            _append_line(self.call_log, canonical_json(request.key_material()))
         if self.delay:
             time.sleep(self.delay)
         if self.queue:
@@ -85,3 +85,18 @@ def instance(schema: dict[str, Any], rng: random.Random) -> Any:
         text = text.ljust(schema.get("minLength", 0), "x")
         return text[: schema.get("maxLength", len(text))]
     raise ValueError(f"fake model cannot make an instance of {schema!r}")
+
+
+def _append_line(path: str, line: str) -> None:
+    """LINE appended to the call log in one write. SIGKILL can cut a write
+    short where it crosses a page of the file, leaving a torn line without its
+    newline (a request being logged, never answered): this line then starts
+    on a line of its own, and the torn one stays torn, not glued to it."""
+    data = (line + "\n").encode("utf-8")
+    with open(path, "a+b") as log:
+        end = log.seek(0, os.SEEK_END)
+        if end:
+            log.seek(end - 1)
+            if log.read(1) != b"\n":
+                data = b"\n" + data
+        log.write(data)  # append mode: at the end, wherever the read left the position
