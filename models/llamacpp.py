@@ -553,10 +553,14 @@ class _Sequence:
         which reports it as it always does."""
         try:
             if not self.matcher.is_stopped():
-                self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+                self._fill_mask()
                 self.mask_ready = True
         except Exception:  # noqa: BLE001 - raised again, with its message, where the mask is used
             self.mask_ready = False
+
+    def _fill_mask(self) -> None:
+        """The matcher's bitmask of allowed tokens for its current state, into ``words``."""
+        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
 
     def advance(self) -> bool:
         """Pick the next token from the current logits; True while the
@@ -578,7 +582,7 @@ class _Sequence:
                 self.finish = "stop"
                 return False
             if not self.mask_ready:  # the first token after the prompt, or a mask the thread could not make
-                matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+                self._fill_mask()
             self.mask_ready = False
             ids = allowed_candidates(logits, self.words)
             if ids.size == 0:
