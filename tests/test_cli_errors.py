@@ -13,15 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_proc import treesynth as treesynth_process  # a real process: llama.cpp's own messages go to its stderr
 from helpers_proc import treesynth_in_process as treesynth
 
 TREESYNTH = [sys.executable, "-m", "treesynth"]
 DESC = "GSM8K-style grade-school math word problems"
-
-
-def treesynth_process(*args: str) -> subprocess.CompletedProcess:
-    """The command in a real process: llama.cpp's own messages go to its stderr."""
-    return subprocess.run(TREESYNTH + list(args), capture_output=True, text=True, timeout=300)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:

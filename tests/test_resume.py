@@ -2,8 +2,9 @@
 deterministic reruns, refused config changes, --restart, one writer, Ctrl-C,
 a full disk, an unwritable store, damaged files and `treesynth verify`. Real
 `treesynth` processes wherever a signal, a resource limit, a permission or a
-second writer is involved; the other commands run in this process. Every interruption ends in a continued run whose
-export is byte-identical to an uninterrupted one."""
+second writer is involved; the other commands run in this process. Every
+interruption ends in a continued run whose export is byte-identical to an
+uninterrupted one."""
 
 from __future__ import annotations
 
