@@ -41,8 +41,8 @@ run: $(STAMP)
 # One worker per core (pytest-xdist), each test file on one worker, so a
 # module's fixtures (the real-model crash series' uninterrupted run) are made
 # once. The real-model tests decode on one thread each, so two workers keep
-# both cores busy: 4.5 to 5.5 min of test time with two workers (2 cores;
-# 275-324 s measured on a shared machine whose speed drifts by a quarter).
+# both cores busy: 4.5 to 6 min of test time with two workers (2 cores;
+# 275-359 s measured on a shared machine whose speed drifts by a quarter).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --dist loadfile
 
