@@ -336,7 +336,7 @@ def test_real_model_balance_killed_and_resumed_gives_the_same_output(tmp_path):
     for name in ("a.db", "b.db"):
         build_tree_store(tmp_path / name, config, FakeModel())
     write_jsonl(tmp_path / "data.jsonl", [{"id": i, "question": q} for i, q in enumerate(PROBLEMS)])
-    args = ["balance", "data.jsonl", "--field", "question", "--per-leaf", "1", "--threads", "2", "--no-progress"]
+    args = ["balance", "data.jsonl", "--field", "question", "--per-leaf", "1", "--threads", "1", "--no-progress"]
 
     whole = _cli(*args, "--store", "a.db", "-o", "a.jsonl", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr

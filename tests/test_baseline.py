@@ -143,7 +143,7 @@ def test_real_model_baseline(tmp_path):
         'sample_schema = \'{"type": "object", "properties": {"fact": {"type": "string", "minLength": 10, "maxLength": 80}}, "required": ["fact"]}\'\n',
         encoding="utf-8",
     )
-    result = _cli("baseline", "--spec", "task.toml", "-n", "3", "--max-tokens", "200", "--store", "base.db", "--threads", "2", "--no-progress", cwd=tmp_path)
+    result = _cli("baseline", "--spec", "task.toml", "-n", "3", "--max-tokens", "200", "--store", "base.db", "--threads", "1", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     requests = _leaf_requests(tmp_path / "base.db")
     assert len(requests) >= 3 and all(r["schema"]["properties"]["fact"]["maxLength"] == 80 for r in requests)

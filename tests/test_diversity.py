@@ -47,7 +47,7 @@ def minilm_embedder():
 def smollm_embedder():
     from treesynth.models.embedded import default_model_path
 
-    return LlamaCppEmbedder(default_model_path(), threads=2)
+    return LlamaCppEmbedder(default_model_path(), threads=1)
 
 
 # -- known numbers ---------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_cli_cosine_is_what_a_recomputation_gives(tmp_path, choice, request):
     _write(tmp_path / "gsm.jsonl", [{"question": q, "answer": "1"} for q in gsm])
     _write(tmp_path / "flat.jsonl", [{"question": q, "answer": "1"} for q in flat])
     extra = ["--embedder", choice] if choice else []
-    result = _cli("diversity", "gsm.jsonl", "flat.jsonl", "--field", "question", "--threads", "2", "--json", *extra, cwd=tmp_path)
+    result = _cli("diversity", "gsm.jsonl", "flat.jsonl", "--field", "question", "--threads", "1", "--json", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     for row, texts in zip(rows, (gsm, flat)):
@@ -256,7 +256,7 @@ def test_the_table_names_the_embedder_of_either_kind(tmp_path, minilm_embedder):
     fingerprint = minilm_embedder.fingerprint
     assert out.splitlines()[-1] == f"embedder: {describe_embedder(fingerprint)}"
     assert fingerprint["model"] in out.splitlines()[-1] and fingerprint["backend"] in out.splitlines()[-1]
-    code, out, err = _invoke(tmp_path / "x.jsonl", "--embedder", "generator", "--threads", "2")
+    code, out, err = _invoke(tmp_path / "x.jsonl", "--embedder", "generator", "--threads", "1")
     assert code == 0, err
     assert out.splitlines()[-1] == "embedder: SmolLM2-135M-Instruct.Q4_1.gguf (llama.cpp embeddings, mean pooling)"
 
