@@ -10,7 +10,10 @@ in the list or on earlier calls.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, Sequence
+
+import xxhash
 
 
 # A request's ``schema`` is a JSON schema, or ``{TEXT_PATTERN: regex}``: a
@@ -22,6 +25,15 @@ TEXT_PATTERN = "x-text-pattern"
 
 class ModelError(RuntimeError):
     """The model cannot be loaded or used; the CLI prints it as one line."""
+
+
+def file_hash(path: Path) -> str:
+    """A model file's xxh3-128 digest (fast: about 3 GB/s here), as ``xxh3:<hex>``."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "xxh3:" + h.hexdigest()
 
 
 @dataclass(frozen=True)

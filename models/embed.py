@@ -36,7 +36,8 @@ class Embedder(Protocol):
 
 class LlamaCppEmbedder:
     def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int = EMBED_CTX):
-        from treesynth.models.llamacpp import check_gguf, file_hash
+        from treesynth.models.base import file_hash
+        from treesynth.models.llamacpp import check_gguf
 
         path = Path(path)
         check_gguf(path)

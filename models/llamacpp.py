@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import xxhash
 
-from treesynth.models.base import TEXT_PATTERN, ModelError, Request, Response
+from treesynth.models.base import TEXT_PATTERN, ModelError, Request, Response, file_hash
 from treesynth.store.keys import canonical_json
 
 GGUF_MAGIC = b"GGUF"
@@ -91,14 +90,6 @@ UNCHECKED_PARALLEL = (
     "are batch-invariant, which was measured for the embedded SmolLM2 only (Gemma 3 270M Q4_K_M was not); "
     "--parallel 1 is always exact"
 )
-
-
-def file_hash(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return "xxh3:" + h.hexdigest()
 
 
 def check_gguf(path: Path) -> None:

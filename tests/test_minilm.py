@@ -8,6 +8,7 @@ sentence-transformers 6.2.0 (torch 2.13.0 CPU, transformers 5.24, tokenizers
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import sys
@@ -20,6 +21,7 @@ from treesynth.models.base import ModelError
 from treesynth.models.minilm import (
     CHECKSUMS,
     CONFIG_FILES,
+    DIGESTS,
     PACKAGE,
     MiniLMEmbedder,
     gelu,
@@ -132,6 +134,18 @@ def test_fingerprint(embedder: MiniLMEmbedder) -> None:
     }
 
 
+def test_the_installed_files_have_the_published_sha256_and_the_checked_digests() -> None:
+    """A load checks the files' xxh3-128 (fast); the fingerprint names the
+    weights by their sha256: both must be digests of the same installed bytes."""
+    from treesynth.models.base import file_hash
+
+    assert DIGESTS.keys() == CHECKSUMS.keys()
+    for name, sha256 in CHECKSUMS.items():
+        path = package_directory() / name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256, name
+        assert file_hash(path) == DIGESTS[name], name
+
+
 def test_load_is_cached_and_the_package_is_never_imported(embedder: MiniLMEmbedder) -> None:
     assert load_minilm() is embedder
     assert PACKAGE not in sys.modules
@@ -148,7 +162,7 @@ def test_gelu_is_exact_to_float64_rounding() -> None:
 def _copy_model(target: Path, *, real: tuple[str, ...] = ()) -> Path:
     """The model's files under target: symlinks, except the names in real, which are copied."""
     source = package_directory()
-    for name in (*CHECKSUMS, *CONFIG_FILES):
+    for name in (*DIGESTS, *CONFIG_FILES):
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         if name in real:
             shutil.copyfile(source / name, target / name)
