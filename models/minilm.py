@@ -65,7 +65,7 @@ CHECKSUMS = {
     "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
 }
 # What every load checks, over the same bytes: xxh3-128 (``file_hash``, as for
-# the GGUF), which reads the 91 MB of weights in 36 ms where sha256 took 107 ms,
+# the GGUF), which reads the 91 MB of weights in 30-65 ms where sha256 took 107-185 ms,
 # and every command that judges samples loads them. It guards against a
 # damaged or wrong file; tests/test_minilm.py checks both digests of the
 # installed files.
