@@ -42,7 +42,7 @@ run: $(STAMP)
 # module's fixtures (the real-model crash series' uninterrupted run) are made
 # once. The real-model tests decode on one thread each, so two workers keep
 # both cores busy: 4.5 to 6 min of test time with two workers (2 cores;
-# 334-353 s in the last clean clones; 275-385 s across two stops, on a
+# 320-353 s in the last clean clones; 275-385 s across two stops, on a
 # shared machine whose speed drifts by a third).
 # The package is compiled first: the tests start over a hundred Python
 # processes, and where PYTHONDONTWRITEBYTECODE is set (as on our CI machines)
