@@ -11,14 +11,13 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from engine_helpers import make_store
-from helpers_proc import treesynth_in_process
+from helpers_proc import TREESYNTH, treesynth_in_process
 
 from treesynth.engine import balance as bal
 from treesynth.engine.config import TaskConfig
@@ -27,7 +26,6 @@ from treesynth.models.fake import FakeModel
 from treesynth.store import Node, Step, Store
 from treesynth.store.keys import canonical_json, child_key, derive_seed, root_key
 
-TREESYNTH = [sys.executable, "-m", "treesynth"]
 
 # root: topic (finite) -> fractions | geometry | money
 #   geometry: shape (infinite, one child holding the list) -> leaf

@@ -8,15 +8,13 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
-from helpers_proc import treesynth_in_process
+from helpers_proc import TREESYNTH, treesynth_in_process
 
 from treesynth.engine.baseline import baseline_mark, baseline_plan
 from treesynth.store import Store
 
-TREESYNTH = [sys.executable, "-m", "treesynth"]
 
 
 def _cli(*args, cwd):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers_proc import TREESYNTH
 from helpers_proc import treesynth as treesynth_process  # a real process: llama.cpp's own messages go to its stderr
 from helpers_proc import treesynth_in_process as treesynth
 
-TREESYNTH = [sys.executable, "-m", "treesynth"]
 DESC = "GSM8K-style grade-school math word problems"
 
 

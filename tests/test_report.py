@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ from treesynth.models.fake import FakeModel
 from treesynth.store import Store
 from treesynth.store.keys import canonical_json
 
-TREESYNTH = [sys.executable, "-m", "treesynth"]
 LEAF_STATES = ("leaf", "planned", "done")
 # Model output that tries to be markup, to run script and to fetch from elsewhere.
 HOSTILE = (

@@ -22,13 +22,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers_proc import TREESYNTH
 from helpers_proc import treesynth_in_process as treesynth  # the tests that kill or interrupt the client start real processes
 
 from treesynth.models.base import ModelError, Request
 from treesynth.models.server import ServerModel, json_prefix
 
 SERVER_SCRIPT = Path(__file__).with_name("openai_server.py")
-TREESYNTH = [sys.executable, "-m", "treesynth"]
 # A root that is a leaf: three leaf calls, a few seconds each on the embedded model.
 TASK = ["short math word problems", "--depth", "0", "--samples", "3", "--seed", "3", "--no-progress"]
 SECRET = "sk-test-" + uuid.uuid4().hex
