@@ -16,7 +16,6 @@ from treesynth.engine.baseline import baseline_mark, baseline_plan
 from treesynth.store import Store
 
 
-
 def _cli(*args, cwd):
     """In this process: only the killed baseline below needs a real one."""
     return treesynth_in_process(*args, cwd=cwd)
