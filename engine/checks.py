@@ -14,7 +14,7 @@ import re
 import string
 import unicodedata
 import zlib
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 CATCH_ALL = frozenset(
     {"other", "others", "misc", "miscellaneous", "general", "na", "none", "unknown", "various", "mixed", "etc",
@@ -227,11 +227,27 @@ def markup_task(task_words: frozenset[str]) -> bool:
     return bool(task_words & MARKUP_WORDS)
 
 
-def schema_validator(schema: dict):
-    """A JSON-schema validator for the sample schema, built once per run."""
-    import jsonschema
+def schema_validator(schema: dict) -> "SampleSchemaValidator":
+    """A JSON-schema validator for the sample schema, one per run."""
+    return SampleSchemaValidator(schema)
 
-    return jsonschema.Draft202012Validator(schema)
+
+class SampleSchemaValidator:
+    """jsonschema's Draft 2020-12 validator, built when the first sample is
+    checked: importing jsonschema takes 0.1-0.2 s, which a process that only
+    replays stored calls or builds nodes (most restarts of a long run, and
+    every run killed before its leaves) never needs."""
+
+    def __init__(self, schema: dict):
+        self.schema = schema
+        self._validator = None
+
+    def iter_errors(self, instance: Any) -> Iterator[Any]:
+        if self._validator is None:
+            import jsonschema
+
+            self._validator = jsonschema.Draft202012Validator(self.schema)
+        return self._validator.iter_errors(instance)
 
 
 def schema_problem(validator, sample) -> str | None:
