@@ -34,8 +34,11 @@ TASK = ["GSM8K-style grade-school math word problems", "--depth", "1", "--pivots
 # Depth 1, not 2: 16 calls in 33 s instead of 26 in 73 s (the test runs the task
 # about twice). The root's pivots, criterion and coverage and the leaves'
 # batches are all killed into; the fake-model kill series cover depth 3.
-SEED = "1"  # a depth-1 tree (the root's infinite split): 16 calls
-OTHER_SEED = "2"
+# Seed 8: 17 calls and 661 tokens (2 pivots, 8 criterion attempts, coverage,
+# 6 leaf calls), 36 s alone; seed 1's tree of the same shape took 16 calls and
+# 922 tokens (one leaf answer ran to 405), 41 s.
+SEED = "8"  # a depth-1 tree (the root's infinite split)
+OTHER_SEED = "9"  # its two pivot answers take 17 and 19 tokens (seed 2's: 97 and 61)
 KILL_SEED = 19  # kills after the 1st stored call (a pivot request), the 9th (a criterion attempt) and the 11th (coverage: the leaves next)
 
 
@@ -97,7 +100,7 @@ def test_killed_real_runs_resume_to_the_same_bytes_and_calls_at_any_parallel(tmp
     store, out = tmp_path / "run.db", tmp_path / "out.txt"
     started = time.monotonic()
     # Kill 1: during start-up and model load. Kills 2-4: a random 0-1.5 s after the k-th
-    # stored call (of 16 with SEED), mid-decode more often than not.
+    # stored call (of 17 with SEED), mid-decode more often than not.
     targets = sorted(rng.sample(range(1, 14), 3))
     kills = 0
     proc = start(run_args(store, parallel=KILLED_PARALLEL), out)
