@@ -41,9 +41,11 @@ run: $(STAMP)
 # One worker per core (pytest-xdist), each test file on one worker, so a
 # module's fixtures (the real-model crash series' uninterrupted run) are made
 # once. The real-model tests decode on one thread each, so two workers keep
-# both cores busy: 4.5 to 6 min of test time with two workers (2 cores;
-# 320-353 s in the last clean clones; 275-385 s across two stops, on a
-# shared machine whose speed drifts by a third).
+# both cores busy: about 4 min of test time with two workers (2 cores; 243 s
+# in the last clean clone, against 300 s for the previous stop's code back to
+# back; the shared machine's speed drifts by a third from day to day).
+# conftest.py hands out the longest files first (--no-loadscope-reorder keeps
+# that order).
 # The package is compiled first: the tests start over a hundred Python
 # processes, and where PYTHONDONTWRITEBYTECODE is set (as on our CI machines)
 # each one compiled every module anew (50-100 ms a process, measured).

@@ -31,7 +31,7 @@ from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
 
 TASK = ["GSM8K-style grade-school math word problems", "--depth", "1", "--pivots", "2", "--max-values", "2",
         "--samples", "4", "--threads", "1", "--no-progress"]  # fmt: skip
-# Depth 1, not 2: 16 calls in 33 s instead of 26 in 73 s (the test runs the task
+# Depth 1, not 2: at seed 1, 16 calls in 33 s instead of 26 in 73 s (the test runs the task
 # about twice). The root's pivots, criterion and coverage and the leaves'
 # batches are all killed into; the fake-model kill series cover depth 3.
 # Seed 8: 17 calls and 661 tokens (2 pivots, 8 criterion attempts, coverage,
