@@ -124,7 +124,7 @@ class Balancer:
         self.config = TaskConfig.model_validate(store.run().config)
         self.seed = self.config.seed if seed is None else seed
         self.session = session
-        self.validator = checks.schema_validator(self.config.sample_schema)
+        self.validator = checks.SampleSchemaValidator(self.config.sample_schema)
         self.tree = Tree(store)
         self.calls_sent = 0
         self.calls_replayed = 0

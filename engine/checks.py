@@ -227,16 +227,12 @@ def markup_task(task_words: frozenset[str]) -> bool:
     return bool(task_words & MARKUP_WORDS)
 
 
-def schema_validator(schema: dict) -> "SampleSchemaValidator":
-    """A JSON-schema validator for the sample schema, one per run."""
-    return SampleSchemaValidator(schema)
-
-
 class SampleSchemaValidator:
-    """jsonschema's Draft 2020-12 validator, built when the first sample is
-    checked: importing jsonschema takes 0.1-0.2 s, which a process that only
-    replays stored calls or builds nodes (most restarts of a long run, and
-    every run killed before its leaves) never needs."""
+    """The sample schema's validator, one per run: jsonschema's Draft 2020-12
+    validator, built when the first sample is checked. Importing jsonschema
+    takes 0.1-0.2 s, which a process that only replays stored calls or builds
+    nodes (most restarts of a long run, and every run killed before its
+    leaves) never needs."""
 
     def __init__(self, schema: dict):
         self.schema = schema

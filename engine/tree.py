@@ -82,7 +82,7 @@ class TreeSynth:
         self.fingerprint = model.fingerprint
         self.words = task_words(config.description)
         self.filter = SampleFilter(embedder, config.near_duplicate, self.words)
-        self.validator = checks.schema_validator(config.sample_schema)
+        self.validator = checks.SampleSchemaValidator(config.sample_schema)
         self.calls_sent = 0
         self.calls_replayed = 0
         self.model_seconds = 0.0

@@ -158,3 +158,29 @@ def test_a_sample_that_repeats_itself_is_dropped():
     plain = "Avery buys 3 boxes of crayons with 24 crayons in each box. She gives 17 crayons to her brother. How many are left?"
     assert sample_problem(plain, math) is None
     assert sample_problem("Short, and repeats: ab ab ab.", math) is None  # under 100 bytes: too short to judge
+
+
+def test_the_sample_schema_validator_imports_jsonschema_only_at_the_first_sample():
+    """A run process that only replays stored calls or builds nodes never pays
+    for importing jsonschema (0.1-0.2 s); the first sample checked still is."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from treesynth.engine.checks import SampleSchemaValidator, schema_problem
+from treesynth.engine.config import DEFAULT_SAMPLE_SCHEMA
+validator = SampleSchemaValidator(DEFAULT_SAMPLE_SCHEMA)
+print("jsonschema" in sys.modules)
+print(schema_problem(validator, {"text": "Ann has three apples and eats one. How many are left?"}))
+print(schema_problem(validator, {"text": "Ann has three apples.", "extra": 1}))
+print("jsonschema" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "False",
+        "None",
+        "does not match the sample schema (the sample: additionalProperties)",
+        "True",
+    ]

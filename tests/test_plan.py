@@ -296,8 +296,8 @@ def test_status_eta_of_an_unfinished_run(tmp_path):
 def test_plan_probe_on_the_embedded_model():
     """End to end on the real 135M model: the root's pivot requests, decoded at
     once as the run decodes them, time the estimate (seconds). Seed 3: the
-    probe took 11 s; at seeds 0-7, 11-20 s (its four pivot answers at once
-    last as long as the longest)."""
+    probe took 11 s; the other seeds of 0-7 took 12-20 s (four pivot answers
+    decoded at once last as long as the longest)."""
     result = invoke("plan", *DEMO, "--seed", "3")
     assert result.exit_code == 0, result.output
     table = rows(result.stdout)
